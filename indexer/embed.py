@@ -1,0 +1,321 @@
+"""The model behind a tiny protocol: OpenCLIP for real work, a deterministic fake for unit tests.
+
+torch and open_clip are imported inside the concrete class, so `clipdex --help` stays instant.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from typing import Any, Protocol
+
+import numpy as np
+from PIL import Image
+
+from .errors import ClipdexError, WeightsUnavailableError
+from .types import FloatArray
+
+log = logging.getLogger(__name__)
+
+RANDOM_INIT = "random-init"
+PRECISIONS = ("fp32", "bf16", "fp16")
+# The identity fields: two embedders that agree on these produce comparable vectors.
+IDENTITY_KEYS = ("name", "pretrained", "weights_sha256", "dim", "precision", "preprocess")
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """What the user asked for: a model config name, a pretrained tag and/or a weights file."""
+
+    name: str = "ViT-B-32"
+    pretrained: str | None = "laion2b_s34b_b79k"
+    weights: str | None = None  # local checkpoint; wins over the tag's download
+    random_init: bool = False  # explicit opt-in: benchmarks and tests only
+    model_config: str | None = None  # a JSON open_clip config file registered under its stem
+    device: str = "auto"
+    precision: str = "fp32"
+
+    def __post_init__(self) -> None:
+        if self.precision not in PRECISIONS:
+            raise ClipdexError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
+        if self.random_init and self.weights:
+            raise ClipdexError("--random-weights and --weights exclude each other")
+        if self.weights and not os.path.isfile(self.weights):
+            raise WeightsUnavailableError(f"weights file not found: {self.weights}")
+
+
+@dataclass(frozen=True)
+class ModelIdentity:
+    """What the store's manifest records about the model that made its vectors."""
+
+    name: str
+    pretrained: str | None
+    weights_sha256: str
+    dim: int
+    precision: str
+    preprocess: dict[str, Any]
+    weights_path: str | None = None
+    random_init: bool = False
+    model_config: str | None = None
+    versions: dict[str, str] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> ModelIdentity:
+        known = {k: d[k] for k in cls.__dataclass_fields__ if k in d}
+        return cls(**known)
+
+    def differences(self, other: ModelIdentity) -> list[str]:
+        """Identity fields that differ, as 'field: ours != theirs' strings."""
+        a, b = self.to_dict(), other.to_dict()
+        return [f"{k}: {a[k]!r} != {b[k]!r}" for k in IDENTITY_KEYS if a[k] != b[k]]
+
+
+class Embedder(Protocol):
+    """Turns preprocessed pixels (or text) into L2-normalisable float32 vectors."""
+
+    identity: ModelIdentity
+    input_side: int
+
+    @property
+    def dim(self) -> int: ...
+
+    @property
+    def preprocess(self) -> Callable[[Image.Image], FloatArray]: ...
+
+    def embed_pixels(self, batch: FloatArray) -> FloatArray: ...
+
+    def embed_texts(self, texts: list[str]) -> FloatArray: ...
+
+
+def sha256_file(path: str, chunk: int = 8 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+class TorchPreprocess:
+    """open_clip's own transform, made picklable for decode workers; returns float32 numpy."""
+
+    def __init__(self, transform: Callable[[Image.Image], Any]) -> None:
+        self.transform = transform
+
+    def __call__(self, image: Image.Image) -> FloatArray:
+        return np.ascontiguousarray(self.transform(image).numpy(), dtype=np.float32)
+
+
+def library_versions() -> dict[str, str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {}
+    for pkg in ("clipdex", "open-clip-torch", "torch", "torchvision", "pillow", "faiss-cpu",
+                "numpy", "lmdb"):
+        try:
+            out[pkg] = version(pkg)
+        except PackageNotFoundError:
+            out[pkg] = "not installed"
+    return out
+
+
+def _resolve_device(device: str) -> str:
+    import torch
+
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return device
+
+
+def _offline_help(spec: ModelSpec, err: Exception) -> str:
+    return (
+        f"could not get weights for {spec.name} / {spec.pretrained}: {err}\n"
+        "Do one of:\n"
+        "  - pass a local checkpoint: --weights /path/to/open_clip_model.safetensors "
+        "(or set CLIPDEX_WEIGHTS=/path/...)\n"
+        "  - run once with network access so open_clip caches the weights "
+        "(Hugging Face cache, $HF_HOME)\n"
+        "  - for benchmarks and tests only: --random-weights (recorded as random-init)"
+    )
+
+
+def _resolve_weights(spec: ModelSpec) -> tuple[str | None, str]:
+    """Return (checkpoint path or None, sha256 or RANDOM_INIT) without building the model."""
+    if spec.random_init:
+        return None, RANDOM_INIT
+    if spec.weights:
+        return spec.weights, sha256_file(spec.weights)
+    if not spec.pretrained:
+        raise WeightsUnavailableError(_offline_help(spec, ValueError("no pretrained tag given")))
+    from open_clip import pretrained as oc_pretrained
+
+    cfg = oc_pretrained.get_pretrained_cfg(spec.name, spec.pretrained)
+    if not cfg:
+        raise WeightsUnavailableError(
+            f"open_clip knows no pretrained tag {spec.pretrained!r} for {spec.name}; "
+            f"known: {oc_pretrained.list_pretrained_tags_by_model(spec.name)}"
+        )
+    try:
+        path = oc_pretrained.download_pretrained(cfg)
+    except Exception as err:  # hub errors come in many types; all mean "not available"
+        raise WeightsUnavailableError(_offline_help(spec, err)) from err
+    if not path or not os.path.isfile(path):
+        raise WeightsUnavailableError(_offline_help(spec, FileNotFoundError(path)))
+    return path, sha256_file(path)
+
+
+class OpenClipEmbedder:
+    """An open_clip model with its own preprocessing; vectors are returned unnormalised."""
+
+    def __init__(self, spec: ModelSpec) -> None:
+        import open_clip
+        import torch
+
+        if spec.model_config:
+            open_clip.add_model_config(spec.model_config)
+        path, digest = _resolve_weights(spec)
+        self.device = _resolve_device(spec.device)
+        if spec.precision == "fp16" and self.device != "cuda":
+            raise ClipdexError("fp16 needs a CUDA device; use bf16 or fp32 on the CPU")
+        tag_cfg = self._tag_preprocess(spec)
+        if spec.random_init:
+            torch.manual_seed(0)  # random weights, but the same ones on every load
+        try:
+            model, _, transform = open_clip.create_model_and_transforms(
+                spec.name, pretrained=path, device=self.device, **tag_cfg
+            )
+        except RuntimeError as err:
+            raise WeightsUnavailableError(f"cannot load {path} into {spec.name}: {err}") from err
+        model.eval()
+        self._model = model
+        self._torch = torch
+        self._tokenizer = open_clip.get_tokenizer(spec.name)
+        self._preprocess = TorchPreprocess(transform)
+        self.precision = spec.precision
+        pcfg = dict(model.visual.preprocess_cfg)
+        self.input_side = int(min(pcfg["size"]) if isinstance(pcfg["size"], tuple | list)
+                              else pcfg["size"])
+        self.identity = ModelIdentity(
+            name=spec.name,
+            pretrained=None if spec.random_init else spec.pretrained,
+            weights_sha256=digest,
+            dim=int(model.text_projection.shape[1]) if hasattr(model, "text_projection")
+            and model.text_projection is not None else self._probe_dim(),
+            precision=spec.precision,
+            preprocess={k: list(v) if isinstance(v, tuple) else v for k, v in pcfg.items()},
+            weights_path=os.path.abspath(path) if path else None,
+            random_init=spec.random_init,
+            model_config=os.path.abspath(spec.model_config) if spec.model_config else None,
+            versions=library_versions(),
+        )
+        if spec.random_init:
+            log.warning("model %s uses RANDOM weights: embeddings are not meaningful", spec.name)
+
+    @staticmethod
+    def _tag_preprocess(spec: ModelSpec) -> dict[str, Any]:
+        """Mean/std/interpolation of the pretrained tag, also when weights come from a file."""
+        if not spec.pretrained or spec.random_init:
+            return {}
+        from open_clip import pretrained as oc_pretrained
+
+        cfg = oc_pretrained.get_pretrained_cfg(spec.name, spec.pretrained) or {}
+        keys = {"mean": "image_mean", "std": "image_std", "interpolation": "image_interpolation",
+                "resize_mode": "image_resize_mode"}
+        return {arg: cfg[k] for k, arg in keys.items() if k in cfg}
+
+    def _probe_dim(self) -> int:
+        side = self.input_side
+        return int(self.embed_pixels(np.zeros((1, 3, side, side), np.float32)).shape[1])
+
+    @property
+    def dim(self) -> int:
+        return self.identity.dim
+
+    @property
+    def preprocess(self) -> TorchPreprocess:
+        return self._preprocess
+
+    def _autocast(self) -> Any:
+        torch = self._torch
+        if self.precision == "fp32":
+            return torch.autocast(self.device, enabled=False)
+        dtype = torch.bfloat16 if self.precision == "bf16" else torch.float16
+        return torch.autocast(self.device, dtype=dtype)
+
+    def embed_pixels(self, batch: FloatArray) -> FloatArray:
+        torch = self._torch
+        x = torch.from_numpy(np.ascontiguousarray(batch, dtype=np.float32)).to(self.device)
+        with torch.inference_mode(), self._autocast():
+            out = self._model.encode_image(x)
+        return out.float().cpu().numpy()
+
+    def embed_texts(self, texts: list[str]) -> FloatArray:
+        torch = self._torch
+        tokens = self._tokenizer(texts).to(self.device)
+        with torch.inference_mode(), self._autocast():
+            out = self._model.encode_text(tokens)
+        return out.float().cpu().numpy()
+
+
+class _FakePreprocess:
+    def __init__(self, side: int) -> None:
+        self.side = side
+
+    def __call__(self, image: Image.Image) -> FloatArray:
+        small = image.convert("RGB").resize((self.side, self.side), Image.Resampling.BILINEAR)
+        arr = np.asarray(small, dtype=np.float32) / 255.0 - 0.5
+        return np.ascontiguousarray(arr.transpose(2, 0, 1))
+
+
+class FakeEmbedder:
+    """Deterministic stand-in for unit tests: a fixed random projection of an 8x8 thumbnail.
+
+    Visually similar images get similar vectors, which is all the pipeline tests need.
+    """
+
+    def __init__(self, dim: int = 16, side: int = 8, seed: int = 0) -> None:
+        rng = np.random.default_rng(seed)
+        self._proj = rng.standard_normal((3 * side * side, dim)).astype(np.float32)
+        self.input_side = side
+        self._preprocess = _FakePreprocess(side)
+        self.identity = ModelIdentity(
+            name="fake", pretrained=None, weights_sha256=f"fake-seed-{seed}", dim=dim,
+            precision="fp32", preprocess={"size": [side, side], "resample": "bilinear"},
+            random_init=True,
+        )
+
+    @property
+    def dim(self) -> int:
+        return self.identity.dim
+
+    @property
+    def preprocess(self) -> _FakePreprocess:
+        return self._preprocess
+
+    def embed_pixels(self, batch: FloatArray) -> FloatArray:
+        return (batch.reshape(len(batch), -1) @ self._proj).astype(np.float32)
+
+    def embed_texts(self, texts: list[str]) -> FloatArray:
+        out = np.zeros((len(texts), self.dim), np.float32)
+        for i, t in enumerate(texts):
+            seed = int.from_bytes(hashlib.sha256(t.encode()).digest()[:4], "little")
+            out[i] = np.random.default_rng(seed).standard_normal(self.dim)
+        return out
+
+
+def spec_for_identity(ident: ModelIdentity, weights: str | None = None,
+                      model_config: str | None = None, device: str = "auto") -> ModelSpec:
+    """The spec that reloads the model a store was built with (weights may be overridden)."""
+    if weights is None and ident.weights_path and os.path.isfile(ident.weights_path):
+        weights = ident.weights_path
+    # An explicit weights file always wins, so a mismatch with the store is seen, not hidden.
+    random_init = ident.random_init and weights is None
+    return ModelSpec(name=ident.name, pretrained=ident.pretrained, weights=weights,
+                     random_init=random_init,
+                     model_config=model_config or ident.model_config, device=device,
+                     precision=ident.precision)

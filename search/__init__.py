@@ -1,0 +1,1 @@
+"""FAISS index, queries, near-duplicate groups and detection over a clipdex store."""
