@@ -9,13 +9,14 @@ PY := $(VENV)/bin/python
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet -e '.[dev]'
+	$(PY) -m pip install --quiet -e '.[dev,scale,ocr]'
 	touch $@
 
 demo: $(VENV)/.installed
 	$(PY) scripts/demo.py
 
 test: $(VENV)/.installed
+	bash scripts/system-deps.sh
 	$(PY) -m pytest
 
 lint: $(VENV)/.installed

@@ -27,6 +27,10 @@ log = logging.getLogger(__name__)
 
 
 def _default_workers() -> int:
+    # One core is left to the model: it is the bottleneck (decode of a drafted JPEG or a clip-art
+    # PNG is ~0.1-0.4 s of one core per image against ~0.3-0.6 s of two cores for ViT-B-32 on the
+    # 2-core dev box). There, 1 worker + torch's default 2 intra-op threads measured fastest;
+    # 2 workers or 1 torch thread were 0.4-0.55x (benchmarks/results/build_throughput.txt).
     return max(1, min(8, (os.cpu_count() or 2) - 1))
 
 

@@ -29,12 +29,14 @@ log = logging.getLogger(__name__)
 SCHEMA_VERSION = 1
 INITIAL_MAP_SIZE = 256 << 20  # grown on demand (MapFullError), sparse on disk
 MAX_MAP_SIZE = 1 << 40
+LOCK_FILE_BYTES = 64 << 10  # > LMDB's lock file for max_readers=256 (16.5 KiB)
 # LMDB's locking is unsafe over these (the LMDB docs say so); refuse rather than corrupt.
 NETWORK_FILESYSTEMS = frozenset(
     "nfs nfs4 cifs smb smb2 smb3 smbfs ncpfs afs fuse.sshfs sshfs glusterfs fuse.glusterfs "
     "lustre ceph fuse.ceph 9p fuse.s3fs fuse.gcsfuse davfs fuse.rclone".split()
 )
-DBS = ("meta", "vectors", "by_id", "images", "paths", "failures", "labels")
+DBS = ("meta", "vectors", "by_id", "images", "paths", "failures", "labels", "ocr")
+OPTIONAL_DBS = frozenset({"ocr"})  # added later: a read-only open of an older store lacks it
 T = TypeVar("T")
 
 
@@ -67,6 +69,26 @@ def filesystem_type(path: str) -> str:
     except OSError:
         return ""
     return kind
+
+
+def _reserve_lock_file(path: str) -> None:
+    """Allocate LMDB's lock file before LMDB maps it: LMDB writes it through a shared mmap, and
+    on a full disk (tmpfs at least) that write is a SIGBUS instead of an error we can report."""
+    fd = os.open(os.path.join(path, "lock.mdb"), os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        os.posix_fallocate(fd, 0, LOCK_FILE_BYTES)
+    finally:
+        os.close(fd)
+
+
+def _disk_note(path: str) -> str:
+    """' (the disk ... is full)' when little space is left: LMDB reports a short write as EIO."""
+    try:
+        st = os.statvfs(path)
+    except OSError:
+        return ""
+    free = st.f_bavail * st.f_frsize
+    return f" (the disk holding it is full: {free} bytes free)" if free < (16 << 20) else ""
 
 
 def refuse_network_fs(path: str) -> None:
@@ -127,8 +149,11 @@ class WriterLock:
                         "wait for it to finish, or pass --wait SECONDS"
                     ) from None
                 time.sleep(0.1)
-        os.ftruncate(self._fd, 0)
-        os.pwrite(self._fd, str(os.getpid()).encode(), 0)
+        try:
+            os.ftruncate(self._fd, 0)
+            os.pwrite(self._fd, str(os.getpid()).encode(), 0)
+        except OSError:  # disk full: the pid is only a hint for the "locked" message
+            pass
 
     def release(self) -> None:
         if self._fd >= 0:
@@ -146,7 +171,16 @@ class Store:
         self.env = env
         self.readonly = readonly
         self._lock = lock
-        self._db = {name: env.open_db(name.encode(), create=False) for name in DBS}
+        self._db = {name: db for name in DBS if (db := self._open_db(env, name)) is not None}
+
+    @staticmethod
+    def _open_db(env: lmdb.Environment, name: str) -> Any:
+        try:
+            return env.open_db(name.encode(), create=False)
+        except lmdb.NotFoundError:
+            if name in OPTIONAL_DBS:
+                return None  # read-only open of a store written before this sub-db existed
+            raise
 
     # ---- opening -------------------------------------------------------------------------
     @classmethod
@@ -175,6 +209,8 @@ class Store:
         refuse_network_fs(path)
         lock = None if readonly else WriterLock(path, wait)
         try:
+            if not readonly:
+                _reserve_lock_file(path)
             size = os.path.getsize(os.path.join(path, "data.mdb")) if os.path.exists(
                 os.path.join(path, "data.mdb")) else 0
             env = lmdb.open(path, map_size=max(INITIAL_MAP_SIZE, size), max_dbs=len(DBS) + 2,
@@ -186,10 +222,10 @@ class Store:
                     for name in DBS:
                         env.open_db(name.encode(), txn=txn, create=True)
             store = cls(path, env, readonly, lock)
-        except lmdb.Error as err:
+        except (lmdb.Error, OSError) as err:
             if lock:
                 lock.release()
-            raise StoreError(f"cannot open store {path}: {err}") from err
+            raise StoreError(f"cannot open store {path}: {err}{_disk_note(path)}") from err
         if not readonly:
             store._migrate()
         return store
@@ -232,7 +268,7 @@ class Store:
         self._write(lambda txn: txn.put(key, _dumps(value), db=self._db["meta"]))
 
     def manifest(self) -> dict[str, Any] | None:
-        with self.env.begin(db=self._db["meta"]) as txn:
+        with self._begin(db=self._db["meta"]) as txn:
             return _loads(txn.get(b"manifest"))
 
     def identity(self) -> ModelIdentity:
@@ -242,7 +278,7 @@ class Store:
         return ModelIdentity.from_dict(m["model"])
 
     def generation(self) -> int:
-        with self.env.begin(db=self._db["meta"]) as txn:
+        with self._begin(db=self._db["meta"]) as txn:
             return int(txn.get(b"generation") or 0)
 
     # ---- writing -------------------------------------------------------------------------------
@@ -256,6 +292,18 @@ class Store:
                     return fn(txn)
             except lmdb.MapFullError:
                 self._grow()
+            except lmdb.Error as err:  # e.g. DiskError (ENOSPC): the transaction was aborted
+                raise StoreError(f"cannot write to store {self.path}: {err}"
+                                 f"{_disk_note(self.path)}. Data committed before this is "
+                                 "intact; fix the cause and run again.") from err
+
+    def _begin(self, **kw: Any) -> lmdb.Transaction:
+        """A read transaction; adopts a map that the writer (another process) grew meanwhile."""
+        try:
+            return self.env.begin(**kw)
+        except lmdb.MapResizedError:
+            self.env.set_mapsize(0)
+            return self.env.begin(**kw)
 
     def _grow(self) -> None:
         size = self.env.info()["map_size"]
@@ -363,39 +411,39 @@ class Store:
     def is_unchanged(self, entry: ScanEntry) -> bool:
         """Same size and mtime as when last seen (indexed or quarantined)."""
         key = entry.path.encode()
-        with self.env.begin() as txn:
+        with self._begin() as txn:
             rec = _loads(txn.get(key, db=self._db["paths"])) or _loads(
                 txn.get(key, db=self._db["failures"]))
         return bool(rec) and rec["size"] == entry.size and rec["mtime_ns"] == entry.mtime_ns
 
     def has_image(self, sha: str) -> bool:
-        with self.env.begin(db=self._db["images"]) as txn:
+        with self._begin(db=self._db["images"]) as txn:
             return txn.get(sha.encode()) is not None
 
     def image(self, sha: str) -> StoredImage | None:
-        with self.env.begin(db=self._db["images"]) as txn:
+        with self._begin(db=self._db["images"]) as txn:
             rec = _loads(txn.get(sha.encode()))
         return None if rec is None else _stored(sha, rec)
 
     def image_by_id(self, image_id: int) -> StoredImage | None:
-        with self.env.begin(db=self._db["by_id"]) as txn:
+        with self._begin(db=self._db["by_id"]) as txn:
             sha = txn.get(_id_key(image_id))
         return None if sha is None else self.image(bytes(sha).decode())
 
     def sha_for_path(self, path: str) -> str | None:
-        with self.env.begin(db=self._db["paths"]) as txn:
+        with self._begin(db=self._db["paths"]) as txn:
             rec = _loads(txn.get(os.path.abspath(path).encode()))
         return None if rec is None else rec["sha"]
 
     def vector(self, image_id: int) -> FloatArray | None:
-        with self.env.begin(db=self._db["vectors"]) as txn:
+        with self._begin(db=self._db["vectors"]) as txn:
             raw = txn.get(_id_key(image_id))
         return None if raw is None else np.frombuffer(raw, dtype=np.float32).copy()
 
     def iter_vectors(self, chunk: int = 65536) -> Iterator[tuple[IdArray, FloatArray]]:
         """All (ids, vectors) in id order, `chunk` rows at a time, from one consistent snapshot."""
         dim = self.identity().dim
-        with self.env.begin(db=self._db["vectors"], buffers=True) as txn:
+        with self._begin(db=self._db["vectors"], buffers=True) as txn:
             ids: list[int] = []
             buf = bytearray()
             for key, val in txn.cursor():
@@ -410,7 +458,7 @@ class Store:
     def snapshot(self) -> tuple[int, IdArray, FloatArray]:
         """(generation, ids, vectors) read in one transaction: consistent with each other."""
         dim = self.identity().dim
-        with self.env.begin(buffers=True) as txn:
+        with self._begin(buffers=True) as txn:
             gen = int(txn.get(b"generation", db=self._db["meta"]) or 0)
             n = txn.stat(self._db["vectors"])["entries"]
             ids = np.empty(n, np.int64)
@@ -421,21 +469,21 @@ class Store:
         return gen, ids, vecs
 
     def iter_paths(self) -> Iterator[str]:
-        with self.env.begin(db=self._db["paths"]) as txn:
+        with self._begin(db=self._db["paths"]) as txn:
             yield from (bytes(k).decode() for k in txn.cursor().iternext(values=False))
 
     def iter_images(self) -> Iterator[StoredImage]:
-        with self.env.begin(db=self._db["images"]) as txn:
+        with self._begin(db=self._db["images"]) as txn:
             for k, v in txn.cursor():
                 yield _stored(bytes(k).decode(), _loads(v))
 
     def iter_failures(self) -> Iterator[tuple[str, dict[str, Any]]]:
-        with self.env.begin(db=self._db["failures"]) as txn:
+        with self._begin(db=self._db["failures"]) as txn:
             for k, v in txn.cursor():
                 yield bytes(k).decode(), _loads(v)
 
     def counts(self) -> dict[str, int]:
-        with self.env.begin() as txn:
+        with self._begin() as txn:
             return {name: txn.stat(self._db[name])["entries"]
                     for name in ("vectors", "images", "paths", "failures", "labels")}
 
@@ -447,13 +495,39 @@ class Store:
         self._write(fn)
 
     def label(self, sha: str) -> dict[str, Any] | None:
-        with self.env.begin(db=self._db["labels"]) as txn:
+        with self._begin(db=self._db["labels"]) as txn:
             return _loads(txn.get(sha.encode()))
 
     def iter_labels(self) -> Iterator[tuple[str, dict[str, Any]]]:
-        with self.env.begin(db=self._db["labels"]) as txn:
+        with self._begin(db=self._db["labels"]) as txn:
             for k, v in txn.cursor():
                 yield bytes(k).decode(), _loads(v)
+
+
+    # ---- OCR results (indexer/ocr.py), keyed by "<sha256>|<engine id>" ---------------------------
+    def put_ocr(self, items: list[tuple[str, str, dict[str, Any]]]) -> None:
+        """Store (sha256, engine id, OcrResult.to_dict()) records in one transaction."""
+        def fn(txn: lmdb.Transaction) -> None:
+            for sha, engine, rec in items:
+                txn.put(f"{sha}|{engine}".encode(), _dumps(rec), db=self._db["ocr"])
+        self._write(fn)
+
+    def ocr(self, sha: str, engine: str) -> dict[str, Any] | None:
+        if "ocr" not in self._db:
+            return None
+        with self._begin(db=self._db["ocr"]) as txn:
+            return _loads(txn.get(f"{sha}|{engine}".encode()))
+
+    def iter_ocr(self, engine: str) -> Iterator[tuple[str, dict[str, Any]]]:
+        """(sha256, record) of every image read by `engine`."""
+        if "ocr" not in self._db:
+            return
+        suffix = f"|{engine}"
+        with self._begin(db=self._db["ocr"]) as txn:
+            for k, v in txn.cursor():
+                key = bytes(k).decode()
+                if key.endswith(suffix):
+                    yield key[: -len(suffix)], _loads(v)
 
 
 def _chunk(ids: list[int], buf: bytearray, dim: int) -> tuple[IdArray, FloatArray]:

@@ -53,6 +53,9 @@ class WorkerConfig:
     limits: DecodeLimits
     min_side: int | None
     store_path: str | None = None  # lets a worker skip decoding bytes the store already has
+    # Another per-file job for the same crash-isolated pool (e.g. indexer.ocr.ocr_task); it is
+    # called as task(entry, cfg, known) and must return something with `.entry` or a Failure.
+    task: Callable[[ScanEntry, Any, Callable[[str], bool]], Any] | None = None
 
 
 def _known_checker(store_path: str | None) -> Callable[[str], bool]:
@@ -64,7 +67,12 @@ def _known_checker(store_path: str | None) -> Callable[[str], bool]:
     images = env.open_db(b"images", create=False)
 
     def known(sha: str) -> bool:
-        with env.begin(db=images) as txn:
+        try:
+            txn = env.begin(db=images)
+        except lmdb.MapResizedError:  # the writer grew the map past ours: adopt its size
+            env.set_mapsize(0)
+            txn = env.begin(db=images)
+        with txn:
             return txn.get(sha.encode()) is not None
     return known
 
@@ -109,7 +117,8 @@ def _worker_main(conn: Connection, cfg: WorkerConfig) -> None:
             return
         if chunk is None:
             return
-        conn.send([process_file(e, cfg, known) for e in chunk])
+        task = cfg.task or process_file
+        conn.send([task(e, cfg, known) for e in chunk])
 
 
 class _Worker:
@@ -129,14 +138,46 @@ class _Worker:
         self.conn.close()
 
 
+def _path_of(result: Result) -> str:
+    return result.path if isinstance(result, Failure) else result.entry.path
+
+
+class _InOrder:
+    """Reorder buffer: results come back in the order their entries went in.
+
+    Workers finish out of order; committing in input (scan) order makes image ids, and so a
+    whole build, reproducible, also when a killed build is resumed. `window` bounds how many
+    entries may be handed out ahead of the oldest unfinished one (memory stays flat).
+    """
+
+    def __init__(self, window: int) -> None:
+        self.window = window
+        self.order: deque[str] = deque()
+        self.done: dict[str, list[Result]] = {}  # a list: a caller may repeat a path
+
+    def full(self) -> bool:
+        return len(self.order) >= self.window
+
+    def add(self, result: Result) -> Iterator[Result]:
+        self.done.setdefault(_path_of(result), []).append(result)
+        while self.order and self.order[0] in self.done:
+            path = self.order.popleft()
+            waiting = self.done[path]
+            yield waiting.pop(0)
+            if not waiting:
+                del self.done[path]
+
+
 class DecodePool:
-    """Run `process_file` over entries in `workers` processes; yields results as they finish."""
+    """Run `process_file` over entries in `workers` processes; yields results in input order."""
 
     def __init__(self, cfg: WorkerConfig, workers: int, chunk: int = 8,
-                 file_timeout: float = 60.0, start_timeout: float = 120.0) -> None:
+                 file_timeout: float = 60.0, start_timeout: float = 120.0,
+                 window: int | None = None) -> None:
         self.cfg = cfg
         self.n = max(1, workers)
         self.chunk = max(1, chunk)
+        self.window = window or 4 * self.n * self.chunk
         self.file_timeout = file_timeout
         self.start_timeout = start_timeout
         self._ctx = mp.get_context("spawn")  # never fork a process holding LMDB/torch state
@@ -150,13 +191,15 @@ class DecodePool:
         retry: deque[list[ScanEntry]] = deque()
         workers = [self._spawn() for _ in range(self.n)]
         exhausted = False
+        ordered = _InOrder(self.window)
         try:
             while True:
-                exhausted = self._feed(workers, it, retry, exhausted)
+                exhausted = self._feed(workers, it, retry, exhausted, ordered)
                 busy = [w for w in workers if w.chunk is not None or not w.ready]
                 if not busy and exhausted and not retry:
                     return
-                yield from self._collect(workers, retry)
+                for result in self._collect(workers, retry):
+                    yield from ordered.add(result)
         finally:
             for w in workers:
                 if w.proc.is_alive() and w.chunk is None and w.ready:
@@ -171,19 +214,22 @@ class DecodePool:
         w.deadline = time.monotonic() + self.start_timeout
         return w
 
-    def _next_chunk(self, it: Iterator[ScanEntry], retry: deque[list[ScanEntry]]
-                    ) -> list[ScanEntry] | None:
+    def _next_chunk(self, it: Iterator[ScanEntry], retry: deque[list[ScanEntry]],
+                    ordered: _InOrder) -> list[ScanEntry] | None:
         if retry:
             return retry.popleft()
         chunk = [e for _, e in zip(range(self.chunk), it, strict=False)]
+        ordered.order.extend(e.path for e in chunk)
         return chunk or None
 
     def _feed(self, workers: list[_Worker], it: Iterator[ScanEntry],
-              retry: deque[list[ScanEntry]], exhausted: bool) -> bool:
+              retry: deque[list[ScanEntry]], exhausted: bool, ordered: _InOrder) -> bool:
         for w in workers:
             if not w.ready or w.chunk is not None:
                 continue
-            chunk = self._next_chunk(it, retry) if (retry or not exhausted) else None
+            if not retry and ordered.full():
+                break  # wait for the oldest file before reading further ahead
+            chunk = self._next_chunk(it, retry, ordered) if (retry or not exhausted) else None
             if chunk is None:
                 exhausted = exhausted or not retry
                 continue
@@ -194,7 +240,9 @@ class DecodePool:
 
     def _collect(self, workers: list[_Worker], retry: deque[list[ScanEntry]]) -> Iterator[Result]:
         now = time.monotonic()
-        timeout = max(0.0, min(w.deadline for w in workers) - now)
+        # Idle workers have no deadline: they may wait for the oldest file (see _InOrder).
+        deadlines = [w.deadline for w in workers if w.chunk is not None or not w.ready]
+        timeout = max(0.0, min(deadlines) - now) if deadlines else 0.1
         ready = wait([w.conn for w in workers] + [w.proc.sentinel for w in workers],
                      timeout=timeout)
         for i, w in enumerate(workers):
@@ -211,7 +259,7 @@ class DecodePool:
                     yield from msg
                     continue
             died = w.proc.sentinel in ready and not w.proc.is_alive()
-            late = time.monotonic() > w.deadline
+            late = (w.chunk is not None or not w.ready) and time.monotonic() > w.deadline
             if died or late:
                 yield from self._replace(workers, i, retry, "worker_crash" if died else "timeout")
 

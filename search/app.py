@@ -10,9 +10,20 @@ from typing import Any
 
 from indexer.build import BuildSettings, BuildSummary, Indexer, Progress
 from indexer.embed import Embedder, ModelSpec, OpenClipEmbedder, spec_for_identity
+from indexer.errors import StoreError
+from indexer.faults import crash_point
 from indexer.store import Store, check_identity
 
-from .index import IndexInfo, build_index, open_index, read_pointer, save_index
+from .index import (
+    DEFAULT_INDEX_TYPE,
+    IndexInfo,
+    VectorIndex,
+    build_index,
+    index_dir,
+    open_index,
+    read_pointer,
+    save_index,
+)
 from .query import Searcher
 
 log = logging.getLogger(__name__)
@@ -26,8 +37,12 @@ def default_store_path() -> str:
     return os.path.join(base, "clipdex", "default.clipdex")
 
 
-def load_embedder(spec: ModelSpec) -> Embedder:
-    return OpenClipEmbedder(spec)
+def load_embedder(spec: ModelSpec, lazy: bool = False) -> Embedder:
+    """The model for `spec`; with `lazy`, weights load only when something needs embedding."""
+    emb = OpenClipEmbedder(spec)
+    if not lazy:
+        emb.load()
+    return emb
 
 
 def store_embedder(store: Store, weights: str | None = None, model_config: str | None = None,
@@ -49,16 +64,29 @@ def run_build(roots: Iterable[str], store_path: str, spec: ModelSpec, settings: 
               index_type: str | None = None, on_progress: Progress | None = None,
               wait: float = 0.0, embedder: Embedder | None = None) -> BuildResult:
     """Embed new/changed files into the store, then publish an index for the new generation."""
-    emb = embedder or load_embedder(spec)
+    # An unchanged re-run must not pay for loading the model: identity (weights sha256,
+    # preprocessing) needs no weights. A new store loads it first, so that its manifest is
+    # never written for weights that turn out not to load.
+    new_store = not os.path.exists(os.path.join(store_path, "data.mdb"))
+    emb = embedder or load_embedder(spec, lazy=not new_store)
     with Store.create_or_open(store_path, emb.identity, wait=wait) as store:
         summary = Indexer(emb, store, settings).build(roots, on_progress)
+        crash_point("after_store_commit")
         pointer = read_pointer(store)
-        wanted = index_type or (pointer.index_type if pointer else "Flat")
-        if pointer and pointer.generation == store.generation() and pointer.index_type == wanted:
+        wanted = index_type or (pointer.wanted if pointer else DEFAULT_INDEX_TYPE)
+        if pointer and pointer.generation == store.generation() and pointer.wanted == wanted:
             info = pointer  # nothing changed: keep the published index as it is
         else:
-            info = save_index(store, build_index(store, wanted))
+            info = _publish(store, build_index(store, wanted))
     return BuildResult(summary, info)
+
+
+def _publish(store: Store, vindex: VectorIndex) -> IndexInfo:
+    try:
+        return save_index(store, vindex)
+    except (OSError, RuntimeError) as err:  # disk full; faiss reports it as RuntimeError
+        raise StoreError(f"cannot publish the index in {index_dir(store)}: {err}. The store's "
+                         "data is committed; free space and run the build again.") from err
 
 
 def open_searcher(store_path: str, weights: str | None = None, model_config: str | None = None,

@@ -11,6 +11,7 @@ from __future__ import annotations
 import glob
 import json
 import logging
+import math
 import os
 import time
 from dataclasses import asdict, dataclass
@@ -19,15 +20,33 @@ import faiss
 import numpy as np
 
 from indexer.atomic import publish, publish_bytes
-from indexer.errors import IndexError_
-from indexer.store import Store
+from indexer.errors import IndexError_, StoreLockedError
+from indexer.faults import crash_point
+from indexer.store import Store, WriterLock
 from indexer.types import FloatArray, IdArray
+
+from .exact import flat_codes_view, flat_ids, range_inner_product, topk_inner_product
 
 log = logging.getLogger(__name__)
 
 INDEX_DIR = "index"
 POINTER = "current.json"
-DEFAULT_INDEX_TYPE = "Flat"
+DEFAULT_INDEX_TYPE = "auto"
+# From benchmarks/search.py (results/search.txt): exact flat search answers a query in ~10-25 ms
+# up to a few hundred thousand vectors; above that IVF with nprobe 8 kept
+# recall@20 >= 0.99 at 1M with nlist ~ sqrt(n) (1024), 10-46x faster than exact; HNSW32 lost
+# recall at 1M.
+AUTO_FLAT_MAX = 250_000
+DEFAULT_NPROBE = 8
+DEFAULT_EF_SEARCH = 64
+
+
+def choose_index_type(n: int) -> str:
+    """The factory string `auto` resolves to for a collection of n vectors."""
+    if n <= AUTO_FLAT_MAX:
+        return "Flat"
+    nlist = 1 << max(6, round(math.log2(math.sqrt(n))))
+    return f"IVF{nlist},Flat"
 
 
 @dataclass(frozen=True)
@@ -39,6 +58,11 @@ class IndexInfo:
     file: str
     built_at: float
     build_seconds: float
+    requested: str = ""  # what the user asked for ("auto" or a factory string)
+
+    @property
+    def wanted(self) -> str:
+        return self.requested or self.index_type
 
 
 class VectorIndex:
@@ -47,6 +71,7 @@ class VectorIndex:
     def __init__(self, index: faiss.IndexIDMap2, info: IndexInfo) -> None:
         self.index = index
         self.info = info
+        self._flat_views: tuple[FloatArray, IdArray] | None = None
 
     @property
     def ntotal(self) -> int:
@@ -56,12 +81,23 @@ class VectorIndex:
         """Top-k by inner product (cosine on unit vectors); ids of -1 mean 'no more results'."""
         q = _check_queries(queries, self.info.dim)
         k = max(1, min(k, max(self.ntotal, 1)))
-        scores, ids = self.index.search(q, k)
-        return scores, ids
+        flat = self._flat()
+        if flat is None:
+            return self.index.search(q, k)
+        if self.ntotal == 0:
+            return np.full((len(q), k), -np.inf, np.float32), np.full((len(q), k), -1, np.int64)
+        scores, rows = topk_inner_product(flat[0], q, k)
+        return scores, np.where(rows >= 0, flat[1][np.maximum(rows, 0)], -1)
 
     def range_search(self, queries: FloatArray, threshold: float
                      ) -> list[tuple[FloatArray, IdArray]]:
         q = _check_queries(queries, self.info.dim)
+        flat = self._flat()
+        if flat is not None:
+            if self.ntotal == 0:
+                return [(np.empty(0, np.float32), np.empty(0, np.int64)) for _ in q]
+            return [(sc, flat[1][rows])
+                    for sc, rows in range_inner_product(flat[0], q, threshold)]
         lims, dist, ids = self.index.range_search(q, float(threshold))
         out = []
         for i in range(len(q)):
@@ -69,6 +105,14 @@ class VectorIndex:
             order = np.argsort(-dist[s:e], kind="stable")
             out.append((dist[s:e][order], ids[s:e][order]))
         return out
+
+    def _flat(self) -> tuple[FloatArray, IdArray] | None:
+        """(vectors, ids) views of a flat index, searched with clipdex's exact kernel, which
+        beats faiss's flat search on this hardware (benchmarks/search.py); None otherwise."""
+        if self._flat_views is None and isinstance(
+                faiss.downcast_index(self.index.index), faiss.IndexFlat):
+            self._flat_views = (flat_codes_view(self.index), flat_ids(self.index))
+        return self._flat_views
 
     def tune(self, nprobe: int | None = None, ef_search: int | None = None) -> None:
         """Set the recall/speed knobs of approximate indexes (ignored by flat ones)."""
@@ -123,27 +167,53 @@ def build_index(store: Store, index_type: str = DEFAULT_INDEX_TYPE) -> VectorInd
     t0 = time.perf_counter()
     gen, ids, vecs = store.snapshot()
     dim = store.identity().dim
-    index = make_index(dim, index_type)
+    resolved = choose_index_type(len(ids)) if index_type == "auto" else index_type
+    index = make_index(dim, resolved)
     if len(ids):
-        _train(index, vecs, index_type)
+        _train(index, vecs, resolved)
         index.add_with_ids(vecs, ids)
-    info = IndexInfo(generation=gen, ntotal=int(index.ntotal), dim=dim, index_type=index_type,
-                     file="", built_at=time.time(), build_seconds=time.perf_counter() - t0)
-    return VectorIndex(index, info)
+    info = IndexInfo(generation=gen, ntotal=int(index.ntotal), dim=dim, index_type=resolved,
+                     file="", built_at=time.time(), build_seconds=time.perf_counter() - t0,
+                     requested=index_type)
+    vindex = VectorIndex(index, info)
+    vindex.tune(nprobe=DEFAULT_NPROBE, ef_search=DEFAULT_EF_SEARCH)  # saved with the index
+    return vindex
 
 
 def save_index(store: Store, vindex: VectorIndex) -> IndexInfo:
+    """Publish `vindex` (file first, then the pointer); callers hold the store's writer lock."""
     folder = index_dir(store)
     os.makedirs(folder, exist_ok=True)
     name = f"index-g{vindex.info.generation}-{time.time_ns()}.faiss"
-    publish(os.path.join(folder, name), lambda tmp: faiss.write_index(vindex.index, tmp))
+
+    def write(tmp: str) -> None:
+        faiss.write_index(vindex.index, tmp)
+        crash_point("during_index_write")
+
+    publish(os.path.join(folder, name), write)
+    crash_point("before_index_pointer")
     info = IndexInfo(**{**asdict(vindex.info), "file": name})
     publish_bytes(os.path.join(folder, POINTER), json.dumps(asdict(info), indent=1).encode())
     vindex.info = info
-    for old in glob.glob(os.path.join(folder, "index-g*.faiss")):
+    # Older index files, and temp files of a publisher that was killed mid-write.
+    leftovers = glob.glob(os.path.join(folder, "index-g*.faiss")) + glob.glob(
+        os.path.join(folder, ".tmp-*"))
+    for old in leftovers:
         if os.path.basename(old) != name:
             _remove_quietly(old)
     return info
+
+
+def save_index_locked(store: Store, vindex: VectorIndex) -> IndexInfo:
+    """save_index for a read-only opener: only under the writer lock, so it never races a build
+    (two publishers would delete each other's files). Raises StoreLockedError when busy."""
+    if not store.readonly:
+        return save_index(store, vindex)
+    lock = WriterLock(store.path)
+    try:
+        return save_index(store, vindex)
+    finally:
+        lock.release()
 
 
 def _remove_quietly(path: str) -> None:
@@ -192,18 +262,20 @@ def open_index(store: Store, index_type: str | None = None, persist: bool = True
     try:
         vindex = load_index(store)
         fresh = vindex.info.generation == store.generation() and (
-            index_type is None or index_type == vindex.info.index_type)
+            index_type is None or index_type == vindex.info.wanted)
         if fresh:
             return vindex
         log.info("index is stale (generation %d, store %d); rebuilding",
                  vindex.info.generation, store.generation())
-        index_type = index_type or vindex.info.index_type
+        index_type = index_type or vindex.info.wanted
     except IndexError_ as err:
         log.info("%s; rebuilding from the store", err)
     vindex = build_index(store, index_type or DEFAULT_INDEX_TYPE)
     if persist and os.access(store.path, os.W_OK):
         try:
-            save_index(store, vindex)
-        except OSError as err:
+            save_index_locked(store, vindex)
+        except StoreLockedError:
+            log.info("a build holds the store; using the rebuilt index in memory")
+        except (OSError, RuntimeError) as err:  # faiss reports write errors as RuntimeError
             log.warning("could not publish rebuilt index (%s); using it in memory", err)
     return vindex

@@ -60,13 +60,24 @@ class Searcher:
         if self._embedder is None:
             if self._embedder_factory is None:
                 raise QueryError("this query needs the model, and none was given")
-            self._embedder = self._embedder_factory()
+            try:
+                self._embedder = self._embedder_factory()
+            except ClipdexError:
+                raise
+            except Exception as err:  # open_clip/torch fail in many types: this query fails,
+                # the queries that need no model (stored paths and bytes) are still answered
+                first = str(err).splitlines()[0][:300] if str(err) else ""
+                raise QueryError(f"cannot load the store's model: {type(err).__name__}: "
+                                 f"{first}") from err
         return self._embedder
 
     # ---- vectors for each kind of query -------------------------------------------------------
     def image_vector(self, path: str) -> FloatArray:
         """A file's vector: the stored one when its bytes are indexed, else embedded now."""
-        data = read_file(path, self.limits)
+        return self.data_vector(read_file(path, self.limits))
+
+    def data_vector(self, data: bytes) -> FloatArray:
+        """Untrusted bytes' vector: the stored one when they are indexed, else embedded now."""
         sha = hashlib.sha256(data).hexdigest()
         stored = self.store.image(sha)
         if stored is not None:

@@ -9,7 +9,7 @@ import numpy as np
 from indexer.errors import IndexError_
 from indexer.store import Store
 
-from .index import build_index, load_index, read_pointer, save_index
+from .index import DEFAULT_INDEX_TYPE, build_index, load_index, read_pointer, save_index_locked
 
 
 @dataclass
@@ -91,7 +91,7 @@ def verify(store: Store, repair: bool = False) -> VerifyReport:
     verify_index(store, ids, report)
     if repair and report.problems:
         pointer = read_pointer(store)
-        vindex = build_index(store, pointer.index_type if pointer else "Flat")
-        save_index(store, vindex)
+        vindex = build_index(store, pointer.wanted if pointer else DEFAULT_INDEX_TYPE)
+        save_index_locked(store, vindex)  # never races a running build's publish
         report.repaired = True
     return report

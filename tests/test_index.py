@@ -120,3 +120,26 @@ def test_bad_factory_string_and_nan_query_are_refused(store):
         vindex.search(np.full((1, 16), np.nan, np.float32), 3)
     with pytest.raises(IndexError_, match="dimension"):
         vindex.search(np.ones((1, 8), np.float32), 3)
+
+
+def test_auto_picks_flat_for_small_and_ivf_for_large_collections(store):
+    from search.index import AUTO_FLAT_MAX, choose_index_type
+
+    assert choose_index_type(1000) == "Flat"
+    assert choose_index_type(AUTO_FLAT_MAX + 1) == "IVF512,Flat"
+    assert choose_index_type(1_000_000) == "IVF1024,Flat"
+    _fill(store, 20)
+    info = save_index(store, build_index(store, "auto"))
+    assert (info.index_type, info.requested, info.wanted) == ("Flat", "auto", "auto")
+
+
+def test_flat_search_with_exact_kernel_matches_faiss_ids(store):
+    vecs = _fill(store, 300)
+    vindex = build_index(store, "Flat")
+    q = vecs[:5] + 0.05
+    scores, ids = vindex.search(q, 10)
+    fs, fi = vindex.index.search(np.ascontiguousarray(q, np.float32), 10)
+    assert (ids == fi).all()
+    np.testing.assert_allclose(scores, fs, atol=1e-5)
+    (rs, rids), = vindex.range_search(q[:1], float(fs[0, 3]) - 1e-6)
+    assert list(rids[:4]) == list(fi[0, :4])

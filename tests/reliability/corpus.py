@@ -9,6 +9,7 @@ from __future__ import annotations
 import io
 import os
 import struct
+import time
 import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -18,6 +19,7 @@ import numpy as np
 from PIL import Image
 
 SEED = 1234
+_EPOCH = time.gmtime(946684800)  # 2000-01-01
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 ORIENTATION_TAG = 0x0112
 DEFAULT_MAX_BYTES = 100 * 1024 * 1024
@@ -121,7 +123,8 @@ def _bytes_cases() -> list[tuple[str, str, str, Maker]]:
         ("text.jpg", "unidentified", "plain text", lambda r: b"not an image\n" * 50),
         ("html.png", "unidentified", "HTML page", lambda r: b"<html><body>hi</body></html>"),
         ("tiff.jpg", "format_not_allowed", "TIFF", lambda r: encode(_small(r), "TIFF")),
-        ("pdf.jpg", "format_not_allowed", "PDF", lambda r: encode(_small(r), "PDF")),
+        ("pdf.jpg", "format_not_allowed", "PDF",  # fixed dates: the bytes must not vary
+         lambda r: encode(_small(r), "PDF", creationDate=_EPOCH, modDate=_EPOCH)),
         ("ico.png", "format_not_allowed", "ICO", lambda r: encode(_small(r), "ICO")),
         ("psd.jpg", "format_not_allowed", "PSD magic", lambda r: b"8BPS\x00\x01" + bytes(40)),
         ("eps.jpg", "format_not_allowed", "EPS magic", lambda r: b"%!PS-Adobe-3.0 EPSF-3.0\n"),
