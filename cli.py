@@ -7,6 +7,7 @@ import json
 import logging
 import os
 import sys
+from collections.abc import Callable
 from dataclasses import asdict
 from typing import Annotated, Any
 
@@ -90,6 +91,9 @@ def index_build(
         return _index_build_from(from_dir, ondisk, _store(store), index_type, json_out)
     if not roots:
         raise typer.BadParameter("give image folders or files (or --from SHARDS --ondisk DIR)")
+    missing = [r for r in roots if not os.path.exists(r)]
+    if missing:
+        raise typer.BadParameter(f"no such file or folder: {', '.join(missing)}")
     from indexer.build import BuildSettings
     from indexer.decode import ALLOWED_FORMATS, DecodeLimits
     from indexer.embed import ModelSpec
@@ -150,11 +154,16 @@ def _run_ocr(store_path: str, engine: str, workers: int | None, quiet: bool, wai
             bar.close()
 
 
-class _progress:
-    """A tqdm bar drawn from the library's progress callback (the library never prints)."""
+class _Bar:
+    """A tqdm bar drawn from a library progress callback (the library never prints).
 
-    def __init__(self, quiet: bool) -> None:
+    `draw(bar, summary)` copies the summary's counters onto the bar.
+    """
+
+    def __init__(self, quiet: bool, unit: str, desc: str,
+                 draw: Callable[[Any, Any], None]) -> None:
         self.quiet = quiet or not sys.stderr.isatty()
+        self.unit, self.desc, self.draw = unit, desc, draw
         self.bar: Any = None
 
     def __enter__(self) -> Any:
@@ -162,18 +171,26 @@ class _progress:
             return None
         from tqdm import tqdm
 
-        self.bar = tqdm(unit="file", desc="indexing", dynamic_ncols=True)
+        self.bar = tqdm(unit=self.unit, desc=self.desc, dynamic_ncols=True)
 
         def update(s: Any) -> None:
-            self.bar.n = s.scanned
-            self.bar.set_postfix(embedded=s.embedded, failed=sum(s.failed.values()),
-                                 img_s=f"{s.images_per_second:.1f}", refresh=False)
+            self.draw(self.bar, s)
             self.bar.refresh()
         return update
 
     def __exit__(self, *exc: object) -> None:
         if self.bar is not None:
             self.bar.close()
+
+
+def _draw_files(bar: Any, s: Any) -> None:
+    bar.n = s.scanned
+    bar.set_postfix(embedded=s.embedded, failed=sum(s.failed.values()),
+                    img_s=f"{s.images_per_second:.1f}", refresh=False)
+
+
+def _progress(quiet: bool) -> _Bar:
+    return _Bar(quiet, "file", "indexing", _draw_files)
 
 
 @index_app.command("info")
@@ -761,31 +778,14 @@ def embed(
                f"({s.images_per_second:.1f} images/s) -> {out}")
 
 
-class _shard_progress:
-    """A tqdm bar over shards, drawn from the library's progress callback."""
+def _draw_shards(bar: Any, s: Any) -> None:
+    bar.total = s.shards - s.skipped
+    bar.n = s.written
+    bar.set_postfix(embedded=s.embedded, failed=sum(s.failed.values()), refresh=False)
 
-    def __init__(self, quiet: bool) -> None:
-        self.quiet = quiet or not sys.stderr.isatty()
-        self.bar: Any = None
 
-    def __enter__(self) -> Any:
-        if self.quiet:
-            return None
-        from tqdm import tqdm
-
-        self.bar = tqdm(unit="shard", desc="embedding", dynamic_ncols=True)
-
-        def update(s: Any) -> None:
-            self.bar.total = s.shards - s.skipped
-            self.bar.n = s.written
-            self.bar.set_postfix(embedded=s.embedded, failed=sum(s.failed.values()),
-                                 refresh=False)
-            self.bar.refresh()
-        return update
-
-    def __exit__(self, *exc: object) -> None:
-        if self.bar is not None:
-            self.bar.close()
+def _shard_progress(quiet: bool) -> _Bar:
+    return _Bar(quiet, "shard", "embedding", _draw_shards)
 
 
 @ingest_app.command("merge")

@@ -94,3 +94,10 @@ def test_offline_build_without_weights_fails_with_instructions(collection, tmp_p
 def test_search_on_missing_store_is_a_clear_error(tmp_path):
     out = run("search", "--text", "cat", "--store", str(tmp_path / "none"), check=False)
     assert out.returncode == 1 and "no clipdex store" in out.stderr
+
+
+def test_missing_root_is_a_usage_error_and_creates_no_store(tmp_path):
+    out = run("index", "build", str(tmp_path / "typo"), "--store", str(tmp_path / "s.clipdex"),
+              "--random-weights", check=False)
+    assert out.returncode == 2 and "no such file or folder" in out.stderr
+    assert not (tmp_path / "s.clipdex").exists()
