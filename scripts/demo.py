@@ -78,7 +78,7 @@ def main() -> None:
         clipdex("index", "build", str(images), "--store", store, "--random-weights", "--quiet")
     clipdex("search", str(query), "--k", "5", "--store", store)
     clipdex("search", "--text", "a temple in the mountains", "--k", "3", "--store", store)
-    clipdex("dedup", "--threshold", "0.9", "--store", store)
+    clipdex("dedup", "--store", store)
     clipdex("index", "failures", "--store", store)
     clipdex("index", "verify", "--store", store)
     clipdex("index", "info", "--store", store)
