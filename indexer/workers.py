@@ -61,20 +61,10 @@ class WorkerConfig:
 def _known_checker(store_path: str | None) -> Callable[[str], bool]:
     if not store_path:
         return lambda sha: False
-    import lmdb
+    from .store import Store
 
-    env = lmdb.open(store_path, readonly=True, lock=True, max_dbs=16, subdir=True)
-    images = env.open_db(b"images", create=False)
-
-    def known(sha: str) -> bool:
-        try:
-            txn = env.begin(db=images)
-        except lmdb.MapResizedError:  # the writer grew the map past ours: adopt its size
-            env.set_mapsize(0)
-            txn = env.begin(db=images)
-        with txn:
-            return txn.get(sha.encode()) is not None
-    return known
+    # Read-only, in this (spawned) process; Store's reads adopt a map the writer has grown.
+    return Store.open(store_path, readonly=True).has_image
 
 
 def process_file(entry: ScanEntry, cfg: WorkerConfig, known: Callable[[str], bool]) -> Result:
