@@ -125,10 +125,11 @@ def range_inner_product(
 def flat_codes_view(index: Any) -> FloatArray:
     """Return the [ntotal, d] float32 vectors of a faiss flat index without copying them.
 
-    ``index`` is a ``faiss.IndexFlat`` (IndexFlatIP, any metric) or an ``IndexIDMap``/
-    ``IndexIDMap2`` wrapping one; an index read with ``faiss.IO_FLAG_MMAP_IFC`` gives a view of
-    the mapped file. The view is read-only and keeps ``index`` alive, but it is only valid until
-    vectors are added to or removed from the index (the storage may move).
+    ``index`` is a ``faiss.IndexFlat`` (IndexFlatIP, any metric), an ``IndexRefineFlat`` (its
+    exact copy) or an ``IndexIDMap``/``IndexIDMap2`` wrapping either; an index read with
+    ``faiss.IO_FLAG_MMAP_IFC`` gives a view of the mapped file. The view is read-only and keeps
+    ``index`` alive, but it is only valid until vectors are added to or removed from the index
+    (the storage may move).
     """
     import faiss
 
@@ -324,12 +325,15 @@ def _borrowed(view: npt.NDArray[Any], owner: Any) -> npt.NDArray[Any]:
 
 
 def _inner_flat(index: Any) -> Any:
-    """The IndexFlat holding the vectors of ``index`` (itself, or the one an IDMap wraps)."""
+    """The IndexFlat holding the vectors of ``index``: itself, or the one an IDMap wraps, or
+    the exact copy an IndexRefineFlat re-ranks with."""
     import faiss
 
     flat = index
     if isinstance(index, faiss.IndexIDMap | faiss.IndexIDMap2):
         flat = faiss.downcast_index(index.index)
+    if isinstance(flat, faiss.IndexRefine):
+        flat = faiss.downcast_index(flat.refine_index)
     if not isinstance(flat, faiss.IndexFlat):
         raise ValueError(
             f"expected a faiss IndexFlat or an IDMap of one, got {type(index).__name__}"

@@ -105,6 +105,25 @@ def test_ivf_index_trains_and_answers(store):
     assert (ids[:, 0] == np.arange(1, 21)).all()
 
 
+def test_refine_index_gives_exact_scores_and_range_search_survives_reload(store):
+    """IVF + 8-bit codes + exact re-rank (what `auto` picks above AUTO_FLAT_MAX): scores are
+    exact inner products, not quantised ones, also for range search after a reload."""
+    vecs = _fill(store, 600)
+    save_index(store, build_index(store, "IVF8,SQ8,RFlat"))
+    vindex = load_index(store)
+    vindex.tune(nprobe=8)  # every list: the candidates are exhaustive, the order must be exact
+    q = vecs[:30]
+    scores, ids = vindex.search(q, 5)
+    exact = q @ vecs.T
+    want = np.argsort(-exact, axis=1)[:, :5] + 1  # store ids start at 1
+    np.testing.assert_array_equal(ids, want)
+    np.testing.assert_allclose(scores, np.take_along_axis(exact, want - 1, axis=1), atol=1e-6)
+    for i, (sc, got) in enumerate(vindex.range_search(q, 0.5)):
+        expect = np.flatnonzero(exact[i] >= 0.5) + 1
+        assert set(got.tolist()) == set(expect.tolist())
+        np.testing.assert_allclose(sc, exact[i][got - 1], atol=1e-6)
+
+
 def test_ivf_with_too_few_vectors_is_a_clear_error(store):
     _fill(store, 10)
     with pytest.raises(IndexError_, match="at least 64"):
@@ -126,8 +145,8 @@ def test_auto_picks_flat_for_small_and_ivf_for_large_collections(store):
     from search.index import AUTO_FLAT_MAX, choose_index_type
 
     assert choose_index_type(1000) == "Flat"
-    assert choose_index_type(AUTO_FLAT_MAX + 1) == "IVF512,Flat"
-    assert choose_index_type(1_000_000) == "IVF1024,Flat"
+    assert choose_index_type(AUTO_FLAT_MAX + 1) == "IVF1024,SQ8,RFlat"
+    assert choose_index_type(1_000_000) == "IVF2048,SQ8,RFlat"
     _fill(store, 20)
     info = save_index(store, build_index(store, "auto"))
     assert (info.index_type, info.requested, info.wanted) == ("Flat", "auto", "auto")
