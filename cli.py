@@ -68,6 +68,11 @@ def index_build(
         help="fp32, int8 (cpu), bf16, fp16 (cuda); recorded in the store")] = "fp32",
     batch_size: Annotated[int, typer.Option(min=1)] = 32,
     workers: Annotated[int | None, typer.Option(min=1, help="Decode processes")] = None,
+    worker_nice: Annotated[int, typer.Option(
+        min=0, max=19, help="Decode workers run this much nicer than the model")] = 10,
+    min_batch: Annotated[int, typer.Option(
+        min=0, help="Embed a partial batch of this many when decoding lags "
+        "(0: batch size / 4)")] = 0,
     index_type: Annotated[str | None, typer.Option(
         help="FAISS factory string, e.g. Flat, IVF4096,Flat, HNSW32")] = None,
     prune: Annotated[bool, typer.Option(help="Forget files that vanished from the roots")] = False,
@@ -106,7 +111,8 @@ def index_build(
         limits = DecodeLimits(max_bytes=max_bytes, formats=tuple(
             dict.fromkeys([*ALLOWED_FORMATS, *(f.upper() for f in allow_format)])))
         settings = BuildSettings(batch_size=batch_size, limits=limits, prune=prune,
-                                 retry_failed=retry_failed,
+                                 retry_failed=retry_failed, worker_nice=worker_nice,
+                                 min_batch=min(min_batch, batch_size),
                                  **({"workers": workers} if workers else {}))
         with _progress(quiet) as on_progress:
             result = run_build(roots, _store(store), spec, settings, index_type, on_progress,

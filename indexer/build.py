@@ -27,11 +27,11 @@ log = logging.getLogger(__name__)
 
 
 def _default_workers() -> int:
-    # One core is left to the model: it is the bottleneck (decode of a drafted JPEG or a clip-art
-    # PNG is ~0.1-0.4 s of one core per image against ~0.3-0.6 s of two cores for ViT-B-32 on the
-    # 2-core dev box). There, 1 worker + torch's default 2 intra-op threads measured fastest;
-    # 2 workers or 1 torch thread were 0.4-0.55x (benchmarks/results/build_throughput.txt).
-    return max(1, min(8, (os.cpu_count() or 2) - 1))
+    # One worker per core, at a lower priority (BuildSettings.worker_nice): they fill the cores
+    # whenever the model leaves them, and yield to it when it is busy. On the 2-core dev box,
+    # 2 niced workers beat 1 worker and 2 workers at normal priority
+    # (benchmarks/results/build_throughput.txt, "Defaults").
+    return max(1, min(8, os.cpu_count() or 2))
 
 
 @dataclass(frozen=True)
@@ -43,7 +43,11 @@ class BuildSettings:
     # jitter, small enough that RSS stays flat (3 x 32 x 600 KB for ViT-B-32)
     file_timeout: float = 60.0
     limits: DecodeLimits = field(default_factory=DecodeLimits)
-    draft_factor: float = 2.0  # JPEGs decode at >= this x the model input side (see decode.py)
+    draft_factor: float = 2.0  # images decode/reduce to >= this x the model input side
+    worker_nice: int = 10  # decode workers' priority below the model's (0: same priority)
+    # The model takes a partial batch of at least this many images rather than wait for
+    # decoding (at the start, or on a run of slow files); 0 means batch_size // 4.
+    min_batch: int = 0
     prune: bool = False
     retry_failed: bool = False
 
@@ -51,10 +55,18 @@ class BuildSettings:
         for name in ("batch_size", "workers", "chunk", "lookahead_batches"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1")
+        if not 0 <= self.min_batch <= self.batch_size:
+            raise ValueError("min_batch must be between 0 and batch_size")
+        if not 0 <= self.worker_nice <= 19:
+            raise ValueError("worker_nice must be between 0 and 19")
         if self.file_timeout <= 0:
             raise ValueError("file_timeout must be > 0")
         if self.draft_factor and self.draft_factor < 1:
             raise ValueError("draft_factor must be >= 1 (or 0 to decode at full size)")
+
+    @property
+    def partial_batch(self) -> int:
+        return self.min_batch or max(1, self.batch_size // 4)
 
 
 @dataclass
@@ -75,6 +87,13 @@ class BuildSummary:
 Progress = Callable[[BuildSummary], None]
 
 
+class _Idle:
+    """From the decode queue: nothing decoded is waiting right now."""
+
+
+_IDLE = _Idle()
+
+
 class Indexer:
     """Embeds new and changed files under some roots into a store."""
 
@@ -90,10 +109,14 @@ class Indexer:
         seen: set[str] = set()
         batch = Batch()
         pending: list[Decoded] = []
+        bs = self.settings.batch_size
         for item in self._decoded(roots, summary, seen):
-            self._route(item, batch, pending, summary)
-            bs = self.settings.batch_size
-            if len(pending) >= bs or len(batch) >= 4 * bs:
+            if isinstance(item, _Idle):  # decoding is behind: embed what is ready rather than wait
+                ready = len(pending) >= self.settings.partial_batch
+            else:
+                self._route(item, batch, pending, summary)
+                ready = len(pending) >= bs or len(batch) >= 4 * bs
+            if ready:
                 self._flush(batch, pending, summary)
                 batch, pending = Batch(), []
                 summary.seconds = time.perf_counter() - t0
@@ -108,7 +131,7 @@ class Indexer:
         return summary
 
     def _decoded(self, roots: list[str], summary: BuildSummary, seen: set[str]
-                 ) -> Iterator[Result]:
+                 ) -> Iterator[Result | _Idle]:
         """Scan, skip unchanged files, and decode the rest in worker processes."""
         scan_failures: list[Failure] = []
 
@@ -124,11 +147,11 @@ class Indexer:
                     yield item
 
         cfg = WorkerConfig(self.embedder.preprocess, self.settings.limits, self._min_side(),
-                           self.store.path)
+                           self.store.path, nice=self.settings.worker_nice)
         pool = DecodePool(cfg, self.settings.workers, self.settings.chunk,
                           self.settings.file_timeout)
         lookahead = self.settings.lookahead_batches * self.settings.batch_size
-        yield from iter_in_thread(pool.map(todo()), lookahead)
+        yield from iter_in_thread(pool.map(todo()), lookahead, idle=_IDLE)
         yield from scan_failures
 
     def _min_side(self) -> int | None:
@@ -143,7 +166,8 @@ class Indexer:
         return True
 
     @staticmethod
-    def _route(item: Result, batch: Batch, pending: list[Decoded], summary: BuildSummary) -> None:
+    def _route(item: Result, batch: Batch, pending: list[Decoded], summary: BuildSummary
+               ) -> None:
         if isinstance(item, Decoded):
             pending.append(item)
         elif isinstance(item, Known):

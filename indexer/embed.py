@@ -8,6 +8,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import sys
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any, Protocol
@@ -16,6 +17,8 @@ import numpy as np
 from PIL import Image
 
 from .errors import ClipdexError, WeightsUnavailableError
+from .preprocess import ClipPreprocess
+from .preprocess import supported as preprocess_supported
 from .types import FloatArray
 
 log = logging.getLogger(__name__)
@@ -95,6 +98,21 @@ class Embedder(Protocol):
     def embed_texts(self, texts: list[str]) -> FloatArray: ...
 
 
+class _Base:
+    """What every embedder derives from its identity and preprocessing."""
+
+    identity: ModelIdentity
+    _preprocess: Callable[[Image.Image], FloatArray]
+
+    @property
+    def dim(self) -> int:
+        return self.identity.dim
+
+    @property
+    def preprocess(self) -> Callable[[Image.Image], FloatArray]:
+        return self._preprocess
+
+
 def sha256_file(path: str, chunk: int = 8 << 20) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
@@ -124,6 +142,19 @@ def library_versions() -> dict[str, str]:
         except PackageNotFoundError:
             out[pkg] = "not installed"
     return out
+
+
+def _passive_openmp() -> None:
+    """Let torch's OpenMP threads sleep, not spin, between parallel regions.
+
+    libgomp's default spin-wait burns the cores the decode workers need while the main thread
+    is in Python (batching, storing); with passive waiting the model alone is as fast and the
+    whole build faster on the 2-core box (benchmarks/results/build_throughput.txt). Read once,
+    when libgomp loads: it only applies if torch is not imported yet, and a user's own
+    OMP_WAIT_POLICY wins.
+    """
+    if "torch" not in sys.modules:
+        os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 
 def _resolve_device(device: str) -> str:
@@ -171,7 +202,7 @@ def _resolve_weights(spec: ModelSpec) -> tuple[str | None, str]:
     return path, sha256_file(path)
 
 
-class OpenClipEmbedder:
+class OpenClipEmbedder(_Base):
     """An open_clip model with its own preprocessing; vectors are returned unnormalised.
 
     The identity (weights sha256, preprocessing, dim) and the preprocess transform are known at
@@ -180,6 +211,7 @@ class OpenClipEmbedder:
     """
 
     def __init__(self, spec: ModelSpec) -> None:
+        _passive_openmp()
         import open_clip
 
         if spec.model_config:
@@ -197,7 +229,11 @@ class OpenClipEmbedder:
         self.precision = spec.precision
         skeleton = self._skeleton()
         pcfg = dict(skeleton.visual.preprocess_cfg)
-        self._preprocess = TorchPreprocess(_eval_transform(pcfg))
+        # Pillow + numpy when it reproduces open_clip's transform exactly (decode workers then
+        # never import torch); open_clip's own transform otherwise.
+        self._preprocess = (
+            ClipPreprocess(pcfg) if preprocess_supported(pcfg)
+            else TorchPreprocess(_eval_transform(pcfg)))
         self.input_side = int(min(pcfg["size"]) if isinstance(pcfg["size"], tuple | list)
                               else pcfg["size"])
         self.identity = ModelIdentity(
@@ -271,14 +307,6 @@ class OpenClipEmbedder:
                 "resize_mode": "image_resize_mode"}
         return {arg: cfg[k] for k, arg in keys.items() if k in cfg}
 
-    @property
-    def dim(self) -> int:
-        return self.identity.dim
-
-    @property
-    def preprocess(self) -> TorchPreprocess:
-        return self._preprocess
-
     def _autocast(self) -> Any:
         import torch
 
@@ -304,6 +332,70 @@ class OpenClipEmbedder:
         with torch.inference_mode(), self._autocast():
             out = self._model.encode_text(tokens)
         return out.float().cpu().numpy()
+
+
+class DeferredEmbedder(_Base):
+    """A store's own model, kept unbuilt until something needs embedding.
+
+    An unchanged re-run of `index build` should cost a scan and some LMDB look-ups; importing
+    torch + open_clip (~4 s) and building the model (~2 s) would be most of it. When the store's
+    manifest already names the asked-for model (see `matches_stored`), this carries the stored
+    identity and open_clip's pixels (`ClipPreprocess`, no torch); the first embed call builds the
+    real `OpenClipEmbedder` and refuses to go on if its identity differs from the stored one.
+    """
+
+    def __init__(self, spec: ModelSpec, stored: ModelIdentity, where: str) -> None:
+        self._spec, self._where = spec, where
+        self.identity = stored
+        self._preprocess = ClipPreprocess(stored.preprocess)
+        self.input_side = self._preprocess.side
+        self._real: OpenClipEmbedder | None = None
+
+    @property
+    def loaded(self) -> bool:
+        return self._real is not None and self._real.loaded
+
+    def load(self) -> None:
+        self._model().load()
+
+    def _model(self) -> OpenClipEmbedder:
+        if self._real is None:
+            from .store import check_identity
+
+            real = OpenClipEmbedder(self._spec)
+            check_identity(self.identity, real.identity, self._where)
+            self._real = real
+        return self._real
+
+    def embed_pixels(self, batch: FloatArray) -> FloatArray:
+        return self._model().embed_pixels(batch)
+
+    def embed_texts(self, texts: list[str]) -> FloatArray:
+        return self._model().embed_texts(texts)
+
+
+def matches_stored(spec: ModelSpec, stored: ModelIdentity) -> bool:
+    """Whether `spec` asks for exactly the model a store records, decided without open_clip.
+
+    Cheap fields first; weights are compared by sha256 of the file (the recorded path, for a
+    pretrained tag resolved through the Hugging Face cache). False means "can't tell
+    cheaply": the caller builds the real embedder, whose identity check is the final word.
+    """
+    config = os.path.abspath(spec.model_config) if spec.model_config else None
+    if (spec.name, spec.precision, config) != (stored.name, stored.precision,
+                                               stored.model_config):
+        return False
+    if not preprocess_supported(stored.preprocess):
+        return False
+    if spec.random_init or stored.random_init:
+        return spec.random_init and stored.random_init
+    if spec.weights:
+        path = os.path.abspath(spec.weights)
+    elif spec.pretrained and spec.pretrained == stored.pretrained and stored.weights_path:
+        path = stored.weights_path
+    else:
+        return False
+    return os.path.isfile(path) and sha256_file(path) == stored.weights_sha256
 
 
 def _quantize_int8(model: Any) -> Any:
@@ -368,7 +460,7 @@ class _FakePreprocess:
         return np.ascontiguousarray(arr.transpose(2, 0, 1))
 
 
-class FakeEmbedder:
+class FakeEmbedder(_Base):
     """Deterministic stand-in for unit tests: a fixed random projection of an 8x8 thumbnail.
 
     Visually similar images get similar vectors, which is all the pipeline tests need.
@@ -384,14 +476,6 @@ class FakeEmbedder:
             precision="fp32", preprocess={"size": [side, side], "resample": "bilinear"},
             random_init=True,
         )
-
-    @property
-    def dim(self) -> int:
-        return self.identity.dim
-
-    @property
-    def preprocess(self) -> _FakePreprocess:
-        return self._preprocess
 
     def embed_pixels(self, batch: FloatArray) -> FloatArray:
         return (batch.reshape(len(batch), -1) @ self._proj).astype(np.float32)

@@ -56,6 +56,9 @@ class WorkerConfig:
     # Another per-file job for the same crash-isolated pool (e.g. indexer.ocr.ocr_task); it is
     # called as task(entry, cfg, known) and must return something with `.entry` or a Failure.
     task: Callable[[ScanEntry, Any, Callable[[str], bool]], Any] | None = None
+    # Added to the workers' nice value: the model keeps its cores while it is busy, and the
+    # workers use whatever it leaves (its start-up, GIL and OpenMP gaps) to decode ahead.
+    nice: int = 0
 
 
 def _known_checker(store_path: str | None) -> Callable[[str], bool]:
@@ -98,6 +101,11 @@ def _test_hooks(path: str) -> None:
 
 
 def _worker_main(conn: Connection, cfg: WorkerConfig) -> None:
+    if cfg.nice:
+        try:
+            os.nice(cfg.nice)
+        except OSError:  # some sandboxes refuse; a worker at normal priority still works
+            pass
     known = _known_checker(cfg.store_path)
     conn.send("ready")
     while True:
@@ -275,8 +283,12 @@ class DecodePool:
         yield Failure(e.path, reason, msg, e.size, e.mtime_ns)
 
 
-def iter_in_thread(source: Iterator[Any], lookahead: int) -> Iterator[Any]:
-    """Run a generator in a thread with a bounded queue, so decoding overlaps the model."""
+def iter_in_thread(source: Iterator[Any], lookahead: int, idle: Any = None) -> Iterator[Any]:
+    """Run a generator in a thread with a bounded queue, so decoding overlaps the model.
+
+    With `idle` set, that object is yielded whenever the consumer has drained the queue and
+    would have to wait: the consumer may then act on what it holds instead of idling.
+    """
     q: queue.Queue[Any] = queue.Queue(maxsize=max(1, lookahead))
     done = object()
     stop = threading.Event()
@@ -302,7 +314,14 @@ def iter_in_thread(source: Iterator[Any], lookahead: int) -> Iterator[Any]:
     t = threading.Thread(target=run, name="clipdex-decode", daemon=True)
     t.start()
     try:
-        while (item := q.get()) is not done:
+        while True:
+            try:
+                item = q.get_nowait() if idle is not None else q.get()
+            except queue.Empty:
+                yield idle
+                item = q.get()
+            if item is done:
+                break
             if isinstance(item, _Raised):
                 raise item.err
             yield item

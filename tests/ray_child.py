@@ -71,7 +71,11 @@ def _embed(cfg: dict[str, Any]) -> dict[str, Any]:
     spec = ModelSpec(name="clipdex-tiny", pretrained=None, weights=cfg["weights"],
                      model_config=cfg["model_config"], device="cpu")
     settings = ShardSettings(files_per_shard=cfg["shard_size"], batch_size=4, decode_workers=1)
-    rs = RaySettings(decode_cpus=0.5, embed_cpus=0.25, actors=(1, 1))
+    # kill-worker: one decode task at a time (1.5 of 2 CPUs), so shards reach the model one by
+    # one and the job is still running when the first shard file appears; with decoding fast
+    # (torch-free workers) and 4 parallel decode tasks, all shards could land within one poll
+    decode_cpus = 1.5 if cfg["mode"] == "kill-worker" else 0.5
+    rs = RaySettings(decode_cpus=decode_cpus, embed_cpus=0.25, actors=(1, 1))
     try:
         s = run_embed(cfg["roots"], cfg["out"], spec, settings, "ray", rs)
         return {"written": s.written, "skipped": s.skipped, "embedded": s.embedded,
@@ -100,7 +104,7 @@ def main(config: str) -> None:
                 cluster.remove_node(cluster.list_all_nodes()[1], allow_graceful=False)
                 report["disrupted"] = "removed a worker node"
             break
-        time.sleep(0.2)
+        time.sleep(0.05)
     job.join(max(1.0, deadline - time.monotonic()))
     report["first_run"] = result if not job.is_alive() else {"error": "timed out"}
     report["job_s"] = time.monotonic() - t0

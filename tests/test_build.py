@@ -125,6 +125,12 @@ def test_settings_are_validated():
         BuildSettings(batch_size=0)
     with pytest.raises(ValueError):
         BuildSettings(file_timeout=0)
+    with pytest.raises(ValueError):
+        BuildSettings(batch_size=16, min_batch=17)
+    with pytest.raises(ValueError):
+        BuildSettings(worker_nice=20)
+    assert BuildSettings(batch_size=32).partial_batch == 8
+    assert BuildSettings(batch_size=2).partial_batch == 1
 
 
 def test_file_vanishing_mid_run_is_an_io_error(image_dir, store_path):
@@ -137,3 +143,33 @@ def test_file_vanishing_mid_run_is_an_io_error(image_dir, store_path):
                        lambda sha: False)
     assert res.reason == "io_error"
     assert not os.path.exists(gone.path)
+
+
+class BatchRecorder(FakeEmbedder):
+    def __init__(self):
+        super().__init__(dim=16)
+        self.sizes: list[int] = []
+
+    def embed_pixels(self, batch):
+        self.sizes.append(len(batch))
+        return super().embed_pixels(batch)
+
+
+@pytest.mark.parametrize(("min_batch", "expected"), [(4, [4, 3]), (32, [7])])
+def test_model_takes_a_partial_batch_while_decoding_lags(tmp_path, store_path, monkeypatch,
+                                                         min_batch, expected):
+    """a0..a3 decode at once; b0 hangs in its worker until its deadline. With partial
+    batches the model embeds a0..a3 meanwhile instead of waiting for a full batch (the chunk
+    deadline is 4 x 1 s, then b0..b3 are retried one by one)."""
+    root = tmp_path / "imgs"
+    root.mkdir()
+    for i, name in enumerate(("a0", "a1", "a2", "a3", "b0", "b1", "b2", "b3")):
+        scene(300 + i).save(root / f"{name}.png")
+    monkeypatch.setenv(HANG_HOOK, "b0.png")
+    emb = BatchRecorder()
+    settings = BuildSettings(workers=1, chunk=4, batch_size=32, min_batch=min_batch,
+                             file_timeout=1.0)
+    with Store.create_or_open(store_path, emb.identity) as st:
+        summary = Indexer(emb, st, settings).build([str(root)])
+    assert summary.embedded == 7 and summary.failed == {"timeout": 1}
+    assert emb.sizes == expected

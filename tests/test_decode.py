@@ -342,6 +342,31 @@ def test_no_draft_without_min_side_or_when_too_small(
     assert decode_bytes(big_jpeg, LIMITS, min_side=min_side)[0].size == expected
 
 
+@pytest.mark.parametrize("fmt", ["PNG", "WEBP"])
+def test_other_formats_are_box_reduced_to_at_least_min_side(fmt: str) -> None:
+    rng = np.random.default_rng(3)
+    smooth = Image.fromarray(rng.integers(0, 256, (12, 20, 3), dtype=np.uint8)).resize(
+        (2000, 1200), Image.Resampling.BICUBIC)
+    data = encode(smooth, fmt) if fmt == "PNG" else encode(smooth, fmt, lossless=True)
+    image, meta = decode_bytes(data, LIMITS, min_side=448)
+    assert image.size == (1000, 600) and image.mode == "RGB"  # factor 1200 // 448 = 2
+    assert (meta.width, meta.height) == (2000, 1200)
+    full, _ = decode_bytes(data, LIMITS)
+    assert full.size == (2000, 1200)
+    # what the model sees is the same picture: preprocessed pixels agree closely
+    from indexer.preprocess import ClipPreprocess
+
+    pre = ClipPreprocess({"size": 224, "mean": (0.5,) * 3, "std": (0.5,) * 3})
+    assert np.abs(pre(image) - pre(full)).mean() < 0.01
+
+
+def test_reduce_composites_alpha_first() -> None:
+    rgba = Image.new("RGBA", (1800, 900), (255, 0, 0, 0))  # fully transparent red
+    image, _ = decode_bytes(png(rgba), LIMITS, min_side=448)
+    assert image.size == (1800 // 2, 900 // 2) and image.mode == "RGB"
+    assert pixels(image)[10, 10].tolist() == [255, 255, 255]
+
+
 def test_min_side_must_be_positive() -> None:
     with pytest.raises(ValueError):
         decode_bytes(b"x", LIMITS, min_side=0)

@@ -43,6 +43,80 @@ def test_unchanged_rerun_never_loads_the_model(tiny_spec, image_dir, store_path,
     assert len(model_builds) == 2
 
 
+_RERUN = """
+import json, sys
+from indexer.build import BuildSettings
+from indexer.embed import ModelSpec
+from search.app import run_build
+spec = ModelSpec(name="clipdex-tiny", pretrained=None, random_init=True,
+                 model_config=sys.argv[3], device="cpu")
+res = run_build([sys.argv[1]], sys.argv[2], spec, BuildSettings(workers=1))
+heavy = sorted(m for m in ("torch", "open_clip", "torchvision") if m in sys.modules)
+print(json.dumps({"embedded": res.summary.embedded, "unchanged": res.summary.unchanged,
+                  "heavy": heavy}))
+"""
+
+
+def _rerun(image_dir, store_path, config):
+    import json
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-c", _RERUN, str(image_dir), store_path, config],
+                         capture_output=True, text=True, check=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def test_unchanged_rerun_never_imports_torch(tiny_spec, image_dir, store_path):
+    """The store's manifest names the model: an unchanged re-run is a scan, not a model load."""
+    run_build([str(image_dir)], store_path, tiny_spec, BuildSettings(workers=1))
+    again = _rerun(image_dir, store_path, tiny_spec.model_config)
+    assert again == {"embedded": 0, "unchanged": 8, "heavy": []}
+    scene(77).save(image_dir / "new.png")
+    more = _rerun(image_dir, store_path, tiny_spec.model_config)
+    assert more["embedded"] == 1 and "torch" in more["heavy"]
+
+
+def test_deferred_model_still_refuses_a_changed_model(tiny_spec, image_dir, store_path,
+                                                      tmp_path):
+    """Same config path, different contents: caught when the first new file needs the model."""
+    import json
+    from pathlib import Path
+
+    config = tmp_path / "clipdex-tiny.json"
+    cfg = json.loads(Path(tiny_spec.model_config).read_text())
+    config.write_text(json.dumps(cfg))
+    spec = ModelSpec(name="clipdex-tiny", pretrained=None, random_init=True,
+                     model_config=str(config), device="cpu")
+    run_build([str(image_dir)], store_path, spec, BuildSettings(workers=1))
+    cfg["embed_dim"] = 2 * cfg["embed_dim"]
+    config.write_text(json.dumps(cfg))
+    scene(78).save(image_dir / "new.png")
+    with pytest.raises(ModelMismatchError, match="dim"):
+        run_build([str(image_dir)], store_path, spec, BuildSettings(workers=1))
+    with Store.open(store_path) as store:
+        assert store.counts()["images"] == 8
+
+
+def test_matches_stored_decides_without_the_model(tiny_spec, tiny_weights, image_dir,
+                                                  store_path, tmp_path):
+    from dataclasses import replace
+
+    from indexer.embed import matches_stored
+
+    weighted = ModelSpec(name="clipdex-tiny", pretrained=None, weights=tiny_weights,
+                         model_config=tiny_spec.model_config, device="cpu")
+    run_build([str(image_dir)], store_path, weighted, BuildSettings(workers=1))
+    with Store.open(store_path) as store:
+        stored = store.identity()
+    assert matches_stored(weighted, stored)
+    assert not matches_stored(replace(weighted, precision="int8"), stored)
+    assert not matches_stored(tiny_spec, stored)  # random weights are not these weights
+    other = tmp_path / "other.pt"
+    other.write_bytes(b"x" + open(tiny_weights, "rb").read())
+    assert not matches_stored(replace(weighted, weights=str(other)), stored)
+
+
 def test_lazy_identity_is_the_loaded_models_identity(tiny_spec, model_builds):
     emb = OpenClipEmbedder(tiny_spec)
     before = emb.identity
