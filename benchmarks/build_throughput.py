@@ -398,9 +398,9 @@ def section_draft(say: Report, work: Path, rng: random.Random, n: int) -> None:
     r = measure(child_cmd("draft", str(lst)))
     say(f"## Large-image decode, full size and reduced (up to {n} per family, short side "
         ">= 896 px; CPU ms per image)")
-    say("reduced = JPEG DCT scaling (Pillow draft), then for any format an integer box reduce, "
-        "keeping >= 2 x 224 px on the short side (decode_bytes min_side=448, "
-        "BuildSettings.draft_factor=2.0)")
+    say("reduced = JPEG DCT scaling (Pillow draft) keeping >= 2 x 224 px on the short side, "
+        "then for any format an integer box reduce keeping >= 3 x 224 px (decode_bytes "
+        "min_side=448, BuildSettings.draft_factor=2.0)")
     rows = []
     for fam, res in r.items():
         if not isinstance(res, dict):

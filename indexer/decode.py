@@ -114,9 +114,10 @@ def decode_bytes(
     """Decode untrusted bytes into a loaded mode-"RGB" image and its metadata.
 
     `meta.width`/`meta.height` are the original size after EXIF orientation. With
-    `min_side`, a JPEG may be decoded at 1/2, 1/4 or 1/8 scale and any image may then be
+    `min_side`, a JPEG may be decoded at 1/2, 1/4 or 1/8 scale, and any image may then be
     box-reduced by an integer factor, but never so small that its shorter side drops below
-    `min_side`. Raises DecodeError; never anything else for bad data.
+    `min_side` (1.5 x `min_side` for the box reduce). Raises DecodeError; never anything
+    else for bad data.
     """
     if min_side is not None and min_side < 1:
         raise ValueError(f"min_side must be >= 1, got {min_side}")
@@ -165,12 +166,19 @@ def to_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB")
 
 
+# A box reduce is a cruder filter than the JPEG draft's DCT scaling: it keeps this much more
+# than min_side. Reducing PNG/WebP wallpapers to >= 448 px moved one ViT-B-32 embedding (a
+# high-frequency bump-map texture) to cosine 0.9969 of the full-size one; at >= 672 px the
+# minimum over the benchmark's large images was 0.99999.
+_REDUCE_MARGIN = 1.5
+
+
 def _reduced_rgb(image: Image.Image, min_side: int | None) -> Image.Image:
     """`to_rgb`, shrunk by the largest integer box factor that keeps the shorter side >=
-    `min_side`: the counterpart of the JPEG draft for PNG, WebP and the rest. The model's
-    resize to 224 px then starts from ~2x its size instead of, say, 5120x2880 (76 ms -> 13 ms
-    per wallpaper; same embedding: benchmarks/results/build_throughput.txt)."""
-    factor = min(image.size) // min_side if min_side else 1
+    1.5 x `min_side`: the counterpart of the JPEG draft for PNG, WebP and the rest. The
+    model's resize to 224 px then starts from ~3x its size instead of, say, 5120x2880
+    (benchmarks/results/build_throughput.txt: time and cosine to the full-size embedding)."""
+    factor = int(min(image.size) // (min_side * _REDUCE_MARGIN)) if min_side else 1
     if factor < 2:
         return to_rgb(image)
     if image.mode in ("RGB", "L"):  # reduce() returns a new image: no full-size copy

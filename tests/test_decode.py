@@ -346,13 +346,16 @@ def test_no_draft_without_min_side_or_when_too_small(
 def test_other_formats_are_box_reduced_to_at_least_min_side(fmt: str) -> None:
     rng = np.random.default_rng(3)
     smooth = Image.fromarray(rng.integers(0, 256, (12, 20, 3), dtype=np.uint8)).resize(
-        (2000, 1200), Image.Resampling.BICUBIC)
+        (3000, 1800), Image.Resampling.BICUBIC)
     data = encode(smooth, fmt) if fmt == "PNG" else encode(smooth, fmt, lossless=True)
     image, meta = decode_bytes(data, LIMITS, min_side=448)
-    assert image.size == (1000, 600) and image.mode == "RGB"  # factor 1200 // 448 = 2
-    assert (meta.width, meta.height) == (2000, 1200)
+    assert image.size == (1500, 900) and image.mode == "RGB"  # 1800 // (1.5 x 448) = 2
+    assert (meta.width, meta.height) == (3000, 1800)
     full, _ = decode_bytes(data, LIMITS)
-    assert full.size == (2000, 1200)
+    assert full.size == (3000, 1800)
+    # a box reduce keeps 1.5 x min_side: 1300 // 672 = 1, so this one stays as it is
+    assert decode_bytes(encode(smooth.resize((2000, 1300)), "PNG"), LIMITS,
+                        min_side=448)[0].size == (2000, 1300)
     # what the model sees is the same picture: preprocessed pixels agree closely
     from indexer.preprocess import ClipPreprocess
 
@@ -361,9 +364,9 @@ def test_other_formats_are_box_reduced_to_at_least_min_side(fmt: str) -> None:
 
 
 def test_reduce_composites_alpha_first() -> None:
-    rgba = Image.new("RGBA", (1800, 900), (255, 0, 0, 0))  # fully transparent red
+    rgba = Image.new("RGBA", (2800, 1400), (255, 0, 0, 0))  # fully transparent red
     image, _ = decode_bytes(png(rgba), LIMITS, min_side=448)
-    assert image.size == (1800 // 2, 900 // 2) and image.mode == "RGB"
+    assert image.size == (2800 // 2, 1400 // 2) and image.mode == "RGB"
     assert pixels(image)[10, 10].tolist() == [255, 255, 255]
 
 
