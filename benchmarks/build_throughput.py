@@ -29,6 +29,8 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+import _report
+
 ROOT = Path(__file__).resolve().parent.parent
 CLIPDEX = str(Path(sys.executable).with_name("clipdex"))
 TINY_CONFIG = str(ROOT / "tests" / "fixtures" / "clipdex-tiny.json")
@@ -331,16 +333,10 @@ def child_cmd(kind: str, list_file: str) -> list[str]:
 
 
 # ---- report -------------------------------------------------------------------------------------
-class Report:
-    def __init__(self, out: str | None) -> None:
-        self.lines: list[str] = []
-        self.out = out
+class Report(_report.Report):
+    """The shared report with this script's table style: first column left, ' | ' between."""
 
-    def __call__(self, line: str = "") -> None:
-        print(line, flush=True)
-        self.lines.append(line)
-
-    def table(self, head: list[str], rows: list[list[object]]) -> None:
+    def table(self, head: list[str], rows: list[list[object]]) -> None:  # type: ignore[override]
         cells = [head, *[[_fmt(c) for c in r] for r in rows]]
         widths = [max(len(r[i]) for r in cells) for i in range(len(head))]
         for j, r in enumerate(cells):
@@ -349,11 +345,6 @@ class Report:
             if j == 0:
                 self("-+-".join("-" * w for w in widths))
         self()
-
-    def save(self) -> None:
-        if self.out:
-            Path(self.out).parent.mkdir(parents=True, exist_ok=True)
-            Path(self.out).write_text("\n".join(self.lines) + "\n")
 
 
 def _fmt(c: object) -> str:

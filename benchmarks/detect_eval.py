@@ -23,6 +23,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from _report import publish
+
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
@@ -118,10 +120,7 @@ def main() -> None:
         *section("default thresholds", default),
         *section(f"calibrated for FPR <= {args.target_fpr} on the training holdout", calibrated),
     ]
-    text = "\n".join(lines)
-    print(text)
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(text + "\n")
+    publish(lines, args.out)
 
 
 if __name__ == "__main__":

@@ -21,6 +21,7 @@ from collections import defaultdict
 from pathlib import Path
 
 import numpy as np
+from _report import publish
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -116,10 +117,7 @@ def main() -> None:
     for t, prec, rec, fp, by_role in table:
         lines.append(f"{t:9.2f}  {prec:9.3f}  {rec:6.3f}  {fp:9d}  " + "  ".join(
             f"{v:>{len(r) + 8}.2f}" for r, v in by_role.items()))
-    text = "\n".join(lines)
-    print(text)
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(text + "\n")
+    publish(lines, args.out)
 
 
 if __name__ == "__main__":

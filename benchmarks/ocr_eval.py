@@ -22,6 +22,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from _report import publish
+
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
@@ -122,10 +124,7 @@ def main() -> None:
         "",
         *sections,
     ]
-    text = "\n".join(lines)
-    print(text)
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(text + "\n")
+    publish(lines, args.out)
 
 
 if __name__ == "__main__":

@@ -22,6 +22,8 @@ import time
 from collections import defaultdict
 from pathlib import Path
 
+from _report import publish
+
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
@@ -103,10 +105,7 @@ def main() -> None:
              f"{'kind':<26} {'n':>3} {'with text':>9} {'mean s':>7} {'max s':>6}",
              *(f"{cat:<26} {len(v):>3} {text_cat[cat]:>9} {sum(v) / len(v):7.2f} {max(v):6.2f}"
                for cat, v in per_cat.items())]
-    text = "\n".join(lines)
-    print(text)
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(text + "\n")
+    publish(lines, args.out)
 
 
 if __name__ == "__main__":

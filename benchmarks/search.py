@@ -22,6 +22,7 @@ from pathlib import Path
 
 import faiss
 import numpy as np
+from _report import Report
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -36,21 +37,6 @@ N_GT_QUERIES = 1000  # queries for recall and batch throughput
 HNSW_BUDGET_S = 8 * 60
 HNSW_SUBSET = 300_000
 
-
-class Report:
-    """Prints lines and keeps them for --out."""
-
-    def __init__(self) -> None:
-        self.lines: list[str] = []
-
-    def __call__(self, line: str = "") -> None:
-        print(line, flush=True)
-        self.lines.append(line)
-
-    def table(self, header: list[str], rows: list[list[str]]) -> None:
-        widths = [max(len(str(c)) for c in col) for col in zip(header, *rows, strict=True)]
-        for row in [header, ["-" * w for w in widths], *rows]:
-            self("  ".join(str(c).rjust(w) for c, w in zip(row, widths, strict=True)))
 
 
 # --- data ---------------------------------------------------------------------------------
@@ -507,9 +493,7 @@ def main() -> None:
             open_section(out, db, q)
         out(f"(section took {time.perf_counter() - started:.0f} s)")
         del data, db, q
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text("\n".join(out.lines) + "\n")
+    out.save(args.out)
 
 
 if __name__ == "__main__":

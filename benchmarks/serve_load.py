@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from _report import Report
 from PIL import Image, ImageDraw
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -38,19 +39,6 @@ TINY_CONFIG = str(ROOT / "tests" / "fixtures" / "clipdex-tiny.json")
 TOKEN = "benchmark-token-0123456789"
 K = 20
 
-
-class Report:
-    def __init__(self) -> None:
-        self.lines: list[str] = []
-
-    def __call__(self, line: str = "") -> None:
-        print(line, flush=True)
-        self.lines.append(line)
-
-    def table(self, header: list[str], rows: list[list[str]]) -> None:
-        widths = [max(len(str(c)) for c in col) for col in zip(header, *rows, strict=True)]
-        for row in [header, ["-" * w for w in widths], *rows]:
-            self("  ".join(str(c).rjust(w) for c, w in zip(row, widths, strict=True)))
 
 
 def scene(seed: int, size: tuple[int, int] = (320, 240)) -> Image.Image:
@@ -267,8 +255,7 @@ def main() -> None:
         f"({http_p50 / base_p50:.2f}x the in-process call). Work runs on one server thread, so "
         "concurrency raises latency (queueing), not throughput; beyond --max-pending it "
         "answers 503.")
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text("\n".join(say.lines) + "\n")
+    say.save(args.out)
 
 
 if __name__ == "__main__":
