@@ -9,7 +9,7 @@ import os
 import sys
 from collections.abc import Callable
 from dataclasses import asdict
-from typing import Annotated, Any
+from typing import Annotated, Any, TypeVar
 
 import typer
 
@@ -21,6 +21,7 @@ index_app = typer.Typer(help="Build, inspect and check a store's index.", no_arg
 app.add_typer(index_app, name="index")
 
 log = logging.getLogger("clipdex")
+T = TypeVar("T")
 
 StoreOpt = Annotated[str, typer.Option("--store", "-s", envvar="CLIPDEX_STORE",
                                        help="Store directory [default: $CLIPDEX_STORE or "
@@ -44,6 +45,17 @@ def _store(path: str | None) -> str:
 def _fail(err: Exception, code: int = 1) -> typer.Exit:
     typer.secho(f"error: {err}", fg=typer.colors.RED, err=True)
     return typer.Exit(code)
+
+
+def _read_store(store: str, read: Callable[[Any], T]) -> T:
+    """`read` on the store opened read-only; a ClipdexError becomes one clear error line."""
+    from indexer.store import Store
+
+    try:
+        with Store.open(_store(store)) as st:
+            return read(st)
+    except ClipdexError as err:
+        raise _fail(err) from err
 
 
 @app.callback()
@@ -203,14 +215,9 @@ def _progress(quiet: bool) -> _Bar:
 def index_info(store: StoreOpt = "",
                json_out: Annotated[bool, typer.Option("--json")] = False) -> None:
     """Show the store's manifest (model, weights hash, preprocessing, versions) and counts."""
-    from indexer.store import Store
     from search.app import store_info
 
-    try:
-        with Store.open(_store(store)) as st:
-            info = store_info(st)
-    except ClipdexError as err:
-        raise _fail(err) from err
+    info = _read_store(store, store_info)
     if json_out:
         typer.echo(json.dumps(info, indent=1))
         return
@@ -237,14 +244,9 @@ def index_info(store: StoreOpt = "",
 def index_verify(store: StoreOpt = "",
                  repair: Annotated[bool, typer.Option(help="Rebuild the index")] = False) -> None:
     """Check that store and index agree (ids, vectors, generation); exit 1 on problems."""
-    from indexer.store import Store
     from search.verify import verify
 
-    try:
-        with Store.open(_store(store)) as st:
-            report = verify(st, repair=repair)
-    except ClipdexError as err:
-        raise _fail(err) from err
+    report = _read_store(store, lambda st: verify(st, repair=repair))
     for p in report.problems:
         typer.echo(f"problem: {p}")
     typer.echo(f"checked {report.checked_vectors} vectors, index holds {report.index_ntotal}: "
@@ -260,13 +262,8 @@ def index_failures(store: StoreOpt = "",
                    reason: Annotated[str | None, typer.Option(help="Only this reason")] = None,
                    ) -> None:
     """List quarantined files with the reason and message."""
-    from indexer.store import Store
-
-    try:
-        with Store.open(_store(store)) as st:
-            rows = [(p, r) for p, r in st.iter_failures() if not reason or r["reason"] == reason]
-    except ClipdexError as err:
-        raise _fail(err) from err
+    rows = _read_store(store, lambda st: [(p, r) for p, r in st.iter_failures()
+                                          if not reason or r["reason"] == reason])
     if csv_out:
         w = csv.writer(sys.stdout)
         w.writerow(["path", "reason", "message", "size", "mtime_ns"])
@@ -499,14 +496,9 @@ def labels_add(
 def labels_list(store: StoreOpt = "",
                 json_out: Annotated[bool, typer.Option("--json")] = False) -> None:
     """Count stored labels per label/category."""
-    from indexer.store import Store
     from search.labels import label_counts
 
-    try:
-        with Store.open(_store(store)) as st:
-            counts = label_counts(st)
-    except ClipdexError as err:
-        raise _fail(err) from err
+    counts = _read_store(store, label_counts)
     if json_out:
         typer.echo(json.dumps(counts))
         return
