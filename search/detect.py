@@ -20,7 +20,6 @@ reference set (the labelled training vectors the kNN searches) is a snapshot tak
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import time
@@ -30,18 +29,18 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from indexer.atomic import publish_bytes
 from indexer.embed import IDENTITY_KEYS, ModelIdentity
 from indexer.errors import ClassifierError, QueryError
 from indexer.store import Store
 from indexer.types import FloatArray
 from indexer.vectors import is_unit_rows
 
+from .npzfile import publish_npz, read_npz
+
 FORMAT_VERSION = 1
 DETECTOR_DIR = "detector"
 POINTER = "detector.json"
 MALICIOUS, BENIGN = 1, 0
-_ZIP_MAGIC = b"PK\x03\x04"
 _NPZ_KEYS = ("coef", "intercept", "classes", "ref_vectors", "ref_labels")
 
 
@@ -216,26 +215,10 @@ class Detector:
     # ---- files -----------------------------------------------------------------------------
     def save(self, folder: str) -> str:
         """Publish arrays then the JSON pointer, each atomically; return the pointer's path."""
-        os.makedirs(folder, exist_ok=True)
-        data = self._npz_bytes()
-        digest = hashlib.sha256(data).hexdigest()
-        name = f"detector-{digest[:16]}.npz"
-        publish_bytes(os.path.join(folder, name), data)
-        pointer = os.path.join(folder, POINTER)
-        publish_bytes(pointer, json.dumps(self._metadata(name, digest), indent=1).encode())
-        for old in os.listdir(folder):
-            if old.startswith("detector-") and old.endswith(".npz") and old != name:
-                _remove_quietly(os.path.join(folder, old))
-        return pointer
-
-    def _npz_bytes(self) -> bytes:
-        import io
-
-        buf = io.BytesIO()
-        np.savez(buf, coef=self.coef, intercept=np.array([self.intercept]),
-                 classes=np.array([BENIGN, MALICIOUS], np.int64),
-                 ref_vectors=self.reference.vectors, ref_labels=self.reference.labels)
-        return buf.getvalue()
+        return publish_npz(folder, "detector", POINTER, self._metadata, coef=self.coef,
+                           intercept=np.array([self.intercept]),
+                           classes=np.array([BENIGN, MALICIOUS], np.int64),
+                           ref_vectors=self.reference.vectors, ref_labels=self.reference.labels)
 
     def _metadata(self, npz_name: str, digest: str) -> dict[str, Any]:
         r = self.reference
@@ -286,13 +269,6 @@ def _check_unit(vecs: FloatArray, dim: int) -> FloatArray:
     return np.ascontiguousarray(vecs, np.float32)
 
 
-def _remove_quietly(path: str) -> None:
-    try:
-        os.unlink(path)
-    except OSError:
-        pass
-
-
 # ---- loading -----------------------------------------------------------------------------------
 def detector_dir(store: Store) -> str:
     return os.path.join(store.path, DETECTOR_DIR)
@@ -303,7 +279,8 @@ def load_detector(store: Store, folder: str | None = None) -> Detector:
     folder = folder or detector_dir(store)
     meta = _read_pointer(folder)
     check_compatible(meta, store.identity())
-    arrays = _read_arrays(os.path.join(folder, str(meta["arrays"])), str(meta["arrays_sha256"]))
+    arrays = read_npz(os.path.join(folder, str(meta["arrays"])), str(meta["arrays_sha256"]),
+                      _NPZ_KEYS, "detector arrays")
     return _from_parts(meta, arrays)
 
 
@@ -343,25 +320,6 @@ def check_compatible(meta: dict[str, Any], identity: ModelIdentity) -> None:
     if diffs:
         raise ClassifierError("detector was trained on another model's vectors:\n  "
                               + "\n  ".join(diffs) + "\nretrain with `clipdex detect train`")
-
-
-def _read_arrays(path: str, digest: str) -> dict[str, np.ndarray]:
-    try:
-        with open(path, "rb") as f:
-            data = f.read()
-    except OSError as err:
-        raise ClassifierError(f"cannot read detector arrays {path}: {err}") from err
-    if not data.startswith(_ZIP_MAGIC):
-        raise ClassifierError(f"{path} is not an .npz archive (pickles are refused)")
-    if hashlib.sha256(data).hexdigest() != digest:
-        raise ClassifierError(f"{path} does not match its metadata (sha256); retrain")
-    import io
-
-    try:
-        with np.load(io.BytesIO(data), allow_pickle=False) as npz:
-            return {k: npz[k] for k in _NPZ_KEYS}
-    except (ValueError, KeyError, OSError) as err:  # object arrays raise ValueError here
-        raise ClassifierError(f"{path}: unusable detector arrays ({err})") from err
 
 
 def _from_parts(meta: dict[str, Any], arrays: dict[str, np.ndarray]) -> Detector:

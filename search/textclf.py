@@ -10,8 +10,6 @@ vectorizer's parameters, the OCR engine id and the training counts.
 
 from __future__ import annotations
 
-import hashlib
-import io
 import json
 import os
 import re
@@ -22,12 +20,12 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from indexer.atomic import publish_bytes
 from indexer.errors import ClassifierError
+
+from .npzfile import publish_npz, read_npz
 
 FORMAT_VERSION = 1
 POINTER = "textclf.json"
-_ZIP_MAGIC = b"PK\x03\x04"
 
 
 @dataclass(frozen=True)
@@ -113,24 +111,12 @@ class TextClassifier:
 
     # ---- files ---------------------------------------------------------------------------
     def save(self, folder: str) -> str:
-        os.makedirs(folder, exist_ok=True)
-        buf = io.BytesIO()
-        np.savez(buf, coef=self.coef, intercept=np.array([self.intercept]))
-        data = buf.getvalue()
-        digest = hashlib.sha256(data).hexdigest()
-        name = f"textclf-{digest[:16]}.npz"
-        publish_bytes(os.path.join(folder, name), data)
-        meta = {"format_version": FORMAT_VERSION, "arrays": name, "arrays_sha256": digest,
-                "settings": asdict(self.settings), "saved_at": time.time(), **self.meta}
-        pointer = os.path.join(folder, POINTER)
-        publish_bytes(pointer, json.dumps(meta, indent=1).encode())
-        for old in os.listdir(folder):
-            if old.startswith("textclf-") and old.endswith(".npz") and old != name:
-                try:
-                    os.unlink(os.path.join(folder, old))
-                except OSError:
-                    pass
-        return pointer
+        def metadata(name: str, digest: str) -> dict[str, Any]:
+            return {"format_version": FORMAT_VERSION, "arrays": name, "arrays_sha256": digest,
+                    "settings": asdict(self.settings), "saved_at": time.time(), **self.meta}
+
+        return publish_npz(folder, "textclf", POINTER, metadata, coef=self.coef,
+                           intercept=np.array([self.intercept]))
 
 
 def vectorizer(settings: TextSettings, norm: str | None = "l2") -> Any:
@@ -164,7 +150,8 @@ def load_text_classifier(folder: str) -> TextClassifier | None:
         raise ClassifierError(f"{path} is not JSON text-classifier metadata: {err}") from err
     if not isinstance(meta, dict) or meta.get("format_version") != FORMAT_VERSION:
         raise ClassifierError(f"{path}: unknown text-classifier format; retrain")
-    arrays = _read_arrays(os.path.join(folder, str(meta["arrays"])), str(meta["arrays_sha256"]))
+    arrays = read_npz(os.path.join(folder, str(meta["arrays"])), str(meta["arrays_sha256"]),
+                      ("coef", "intercept"), "text-classifier arrays")
     try:
         settings = TextSettings(**meta["settings"])
     except (TypeError, ValueError) as err:
@@ -172,21 +159,6 @@ def load_text_classifier(folder: str) -> TextClassifier | None:
     keep = {k: v for k, v in meta.items() if k in ("engine", "counts", "trained_at")}
     return TextClassifier(arrays["coef"].reshape(-1), float(arrays["intercept"].reshape(-1)[0]),
                           settings, keep)
-
-
-def _read_arrays(path: str, digest: str) -> dict[str, np.ndarray]:
-    try:
-        with open(path, "rb") as f:
-            data = f.read()
-    except OSError as err:
-        raise ClassifierError(f"cannot read {path}: {err}") from err
-    if not data.startswith(_ZIP_MAGIC) or hashlib.sha256(data).hexdigest() != digest:
-        raise ClassifierError(f"{path} is not the .npz its metadata names (pickles refused)")
-    try:
-        with np.load(io.BytesIO(data), allow_pickle=False) as npz:
-            return {k: npz[k] for k in ("coef", "intercept")}
-    except (ValueError, KeyError, OSError) as err:
-        raise ClassifierError(f"{path}: unusable arrays ({err})") from err
 
 
 @dataclass(frozen=True)
