@@ -109,14 +109,15 @@ def read_file(path: str, limits: DecodeLimits) -> bytes:
 
 
 def decode_bytes(
-    data: bytes, limits: DecodeLimits, min_side: int | None = None
+    data: bytes, limits: DecodeLimits, min_side: int | None = None, sha256: str | None = None
 ) -> tuple[Image.Image, ImageMeta]:
     """Decode untrusted bytes into a loaded mode-"RGB" image and its metadata.
 
     `meta.width`/`meta.height` are the original size after EXIF orientation. With
     `min_side`, a JPEG may be decoded at 1/2, 1/4 or 1/8 scale, and any image may then be
     box-reduced by an integer factor, but never so small that its shorter side drops below
-    `min_side` (1.5 x `min_side` for the box reduce). Raises DecodeError; never anything
+    `min_side` (1.5 x `min_side` for the box reduce). A caller that already hashed `data`
+    passes `sha256` so the bytes are not hashed twice. Raises DecodeError; never anything
     else for bad data.
     """
     if min_side is not None and min_side < 1:
@@ -129,7 +130,7 @@ def decode_bytes(
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            image, meta = _decode(data, limits, min_side)
+            image, meta = _decode(data, limits, min_side, sha256)
     except DecodeError:
         raise
     except Exception as exc:  # Pillow raises far more than OSError on hostile input
@@ -187,7 +188,7 @@ def _reduced_rgb(image: Image.Image, min_side: int | None) -> Image.Image:
 
 
 def _decode(
-    data: bytes, limits: DecodeLimits, min_side: int | None
+    data: bytes, limits: DecodeLimits, min_side: int | None, sha256: str | None
 ) -> tuple[Image.Image, ImageMeta]:
     with _open(data, limits) as image:
         fmt = _check_format(image, limits)
@@ -204,7 +205,7 @@ def _decode(
         rgb = rgb.transpose(_TRANSPOSE[orientation])
     if orientation in _SWAPS_AXES:
         width, height = height, width
-    sha256 = hashlib.sha256(data).hexdigest()
+    sha256 = sha256 or hashlib.sha256(data).hexdigest()
     meta = ImageMeta(sha256, width, height, fmt, len(data), animated, notes + more_notes)
     return rgb, meta
 

@@ -82,7 +82,7 @@ def process_file(entry: ScanEntry, cfg: WorkerConfig, known: Callable[[str], boo
         sha = hashlib.sha256(data).hexdigest()
         if known(sha):
             return Known(entry, sha)
-        image, meta = decode_bytes(data, cfg.limits, cfg.min_side)
+        image, meta = decode_bytes(data, cfg.limits, cfg.min_side, sha256=sha)
         pixels = cfg.preprocess(image)
         return Decoded(entry=entry, meta=meta, pixels=pixels)
     except DecodeError as err:
